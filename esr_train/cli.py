@@ -1,0 +1,128 @@
+"""The ``esr`` command: thin subcommands over the packages.
+
+Each subcommand has its own parser and a ``main(args)``; heavy imports happen inside the
+subcommand, so ``esr --help`` is instant. Logic lives in the packages, never here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from esr_train import __version__
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the bundled models and prepare (dequantise and cache) them")
+    p.add_argument("--prepare", action="store_true", help="dequantise and cache every bundled model now")
+    p.add_argument("--cache-dir", default=None, help="cache root (default $ESR_CACHE_DIR or ~/.cache/esr-train)")
+    p.set_defaults(func=_models)
+
+
+def _models(args) -> int:
+    import time
+
+    from esr_train.zoo import is_prepared, list_models, model_cache_path, prepare_model
+
+    for entry in list_models():
+        if args.prepare:
+            t0 = time.perf_counter()
+            prepare_model(entry.name, args.cache_dir)
+            took = f"ready in {time.perf_counter() - t0:.1f}s"
+        else:
+            took = "cached" if is_prepared(entry.name, args.cache_dir) else "not prepared yet"
+        print(f"{entry.name:14s} {entry.description}")
+        print(f"{'':14s} steer layer {entry.default_layer}; {took}; {model_cache_path(entry.name, args.cache_dir)}")
+    return 0
+
+
+def _add_steer(sub) -> None:
+    p = sub.add_parser("steer", help="answer a prompt unsteered and steered, side by side")
+    p.add_argument("--model", default="smollm2-135m", help="bundled name, local directory or hub id")
+    p.add_argument("--prompt", required=True, help="the user's question")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--concept", help="steer toward this concept (a concept vector the model builds itself)")
+    src.add_argument("--vector", help="a direction file (.safetensors from esr, or .pt/.npy with --layer)")
+    src.add_argument("--sae", help="a sae-lens SAE directory, or a release name with --sae-id")
+    p.add_argument("--sae-id", help="SAE id within a sae-lens release")
+    p.add_argument("--latent", type=int, help="SAE latent to steer with (with --sae)")
+    p.add_argument("--layer", type=int, default=None, help="decoder layer (blocks.L.hook_resid_post); default: the model's")
+    p.add_argument("--strength", type=float, default=0.5, help="push size in units of the layer's median residual norm")
+    p.add_argument("--unit", choices=["norm", "raw"], default="norm", help="'raw' takes --strength as an absolute scale")
+    p.add_argument("--schedule", default="all", help="all | generated | prompt+first:N")
+    p.add_argument("--max-new-tokens", type=int, default=80)
+    p.add_argument("--sample", action="store_true", help="sample (temperature 0.6) instead of greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--save-direction", help="write the direction used to this .safetensors file")
+    p.set_defaults(func=_steer)
+
+
+def _steer(args) -> int:
+    import textwrap
+
+    from esr_train.concepts import concept_direction, with_reference_norm
+    from esr_train.directions import load_vector_file
+    from esr_train.generation import generate
+    from esr_train.sae import load_sae, sae_direction
+    from esr_train.steering import steer
+    from esr_train.zoo import ZOO, load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype)
+    layer = args.layer if args.layer is not None else (ZOO[args.model].default_layer if args.model in ZOO else model.config.num_hidden_layers // 2)
+    if args.concept:
+        direction = concept_direction(model, tok, args.concept, layer)
+    elif args.vector:
+        direction = with_reference_norm(load_vector_file(args.vector, layer), model, tok)
+    else:
+        if args.latent is None:
+            raise SystemExit("esr steer: --sae needs --latent")
+        direction = with_reference_norm(sae_direction(load_sae(args.sae, args.sae_id), args.latent), model, tok)
+    if args.save_direction:
+        print(f"direction saved to {direction.save(args.save_direction)}")
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, repetition_penalty=1.1, seed=args.seed)
+    plain = generate(model, tok, [args.prompt], **gen)[0]
+    with steer(model, direction, args.strength, unit=args.unit, schedule=args.schedule):
+        steered = generate(model, tok, [args.prompt], **gen)[0]
+    coef = direction.coefficient(args.strength, args.unit)
+    print(f"model {args.model} | layer {direction.layer} | toward {direction.label!r} | strength {args.strength} "
+          f"({args.unit}; raw {coef:.1f}) | schedule {args.schedule}")
+    print(f"prompt: {args.prompt}\n")
+    for title, text in (("unsteered", plain), ("steered", steered)):
+        print(f"--- {title} ---")
+        print(textwrap.fill(text, 100))
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esr", description="Induce, measure and compare endogenous steering resistance.")
+    parser.add_argument("--version", action="version", version=f"esr-train {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_models(sub)
+    _add_steer(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from esr_train.directions import DirectionError
+    from esr_train.layers import LayerError
+    from esr_train.zoo import ModelLoadError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ModelLoadError, DirectionError, LayerError) as exc:
+        print(f"esr {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

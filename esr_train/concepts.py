@@ -1,0 +1,163 @@
+"""Concept directions and reference norms, measured on the model's own activations.
+
+A concept vector is the difference of mean layer-L residuals between text about a
+concept and neutral task text, both read in the chat context where steering will act
+(the answer tokens after a rendered user prompt), excluding the first token (the
+attention sink, whose norm dwarfs the rest). The concept text may be given or written by
+the model itself, which needs no data and works offline.
+
+Strength is given in units of the layer's *reference norm*: the median residual norm over
+non-first tokens of ordinary prose at that layer, so ``strength=0.5`` means half a
+typical residual on Llama and Gemma alike.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from esr_train.directions import SteeringDirection
+from esr_train.generation import encode, generate, render_prompt
+from esr_train.layers import decoder_layers, resolve_layer
+from esr_train.zoo import model_name
+
+# Ordinary prose used to measure a layer's typical residual norm. Written for this
+# project; any plain text would do, since the median is what matters.
+REFERENCE_TEXT = [
+    "To keep a kitchen clean, wipe the counters after every meal, wash the dishes before they dry, "
+    "and sweep the floor each evening. Once a week, clean the sink and take out the recycling.",
+    "A budget starts with a list of what comes in and what goes out each month. Write down fixed costs "
+    "such as rent first, then groceries and transport, and set aside a small amount for savings.",
+    "When you write an email to a colleague, state the purpose in the first sentence, keep each paragraph "
+    "short, and end with the action you need from them and the date you need it by.",
+    "To change a flat tyre, loosen the nuts slightly, lift the car with the jack, remove the wheel, fit "
+    "the spare, tighten the nuts by hand, lower the car and then tighten them fully in a star pattern.",
+]
+
+# Everyday tasks whose answers form the neutral side of a concept vector.
+NEUTRAL_PROMPTS = [
+    "How do you make a cup of tea?",
+    "Explain how to write a polite email asking for a day off.",
+    "How do you keep a houseplant healthy?",
+    "Explain how to plan a weekly grocery budget.",
+    "How do you tie a shoelace?",
+    "Explain how to prepare for a job interview.",
+    "How do you clean a computer keyboard?",
+    "Explain how to convert a fraction to a decimal.",
+]
+
+CONCEPT_PROMPTS = [
+    "Write a short paragraph about {concept}.",
+    "Tell me some interesting facts about {concept}.",
+    "Describe {concept} in detail.",
+]
+
+_NORM_CACHE: dict[tuple, float] = {}
+_NEUTRAL_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+@torch.inference_mode()
+def capture_residuals(model, tokenizer, texts: Sequence[str], layer: int, starts: Sequence[int] | None = None,
+                      batch_size: int = 8) -> list[torch.Tensor]:
+    """Layer-``layer`` residual outputs for each already-rendered text, as [n_i, d]
+    float32 tensors over the token positions from ``starts[i]`` on (default 1: skip the
+    first token). Right padding, so real tokens keep positions 0..n-1."""
+    layer = resolve_layer(model, layer)
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+    handle = decoder_layers(model)[layer].register_forward_hook(
+        lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out).detach().float().cpu())
+    )
+    results: list[torch.Tensor] = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            chunk = list(texts[i:i + batch_size])
+            enc = encode(tokenizer, chunk, "right", device)
+            captured.clear()
+            model(**enc, use_cache=False)
+            hidden = captured[0]
+            lengths = enc["attention_mask"].sum(dim=1).tolist()
+            for row, n in enumerate(lengths):
+                start = 1 if starts is None else max(1, starts[i + row])
+                results.append(hidden[row, start:int(n)])
+    finally:
+        handle.remove()
+    return results
+
+
+def reference_norm(model, tokenizer, layer: int) -> float:
+    """Median residual norm at ``layer`` over non-first tokens of ordinary prose."""
+    layer = resolve_layer(model, layer)
+    key = (model_name(model), layer, str(next(model.parameters()).dtype))
+    if key not in _NORM_CACHE:
+        texts = [(tokenizer.bos_token or "") + t if _adds_bos(tokenizer) else t for t in REFERENCE_TEXT]
+        acts = torch.cat(capture_residuals(model, tokenizer, texts, layer))
+        _NORM_CACHE[key] = float(acts.norm(dim=-1).median())
+    return _NORM_CACHE[key]
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the model's chat template starts with BOS (Gemma) so reference text should too."""
+    rendered = render_prompt(tokenizer, "x")
+    return bool(tokenizer.bos_token) and rendered.startswith(tokenizer.bos_token)
+
+
+def with_reference_norm(direction: SteeringDirection, model, tokenizer) -> SteeringDirection:
+    return direction.with_reference_norm(reference_norm(model, tokenizer, direction.layer))
+
+
+def answer_residual_mean(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], layer: int) -> torch.Tensor:
+    """Mean layer residual over the answer tokens of (prompt, answer) chats."""
+    heads = [render_prompt(tokenizer, p) for p in prompts]
+    starts = [len(tokenizer(h, add_special_tokens=False)["input_ids"]) for h in heads]
+    texts = [h + a for h, a in zip(heads, answers)]
+    acts = [a for a in capture_residuals(model, tokenizer, texts, layer, starts=starts) if len(a)]
+    if not acts:
+        raise ValueError("no answer tokens to average: every answer was empty")
+    return torch.cat(acts).mean(dim=0)
+
+
+def neutral_mean(model, tokenizer, layer: int, max_new_tokens: int = 80) -> torch.Tensor:
+    """Mean residual over the model's own answers to everyday tasks (cached per model/layer)."""
+    layer = resolve_layer(model, layer)
+    key = (model_name(model), layer, max_new_tokens, str(next(model.parameters()).dtype))
+    if key not in _NEUTRAL_CACHE:
+        answers = generate(model, tokenizer, NEUTRAL_PROMPTS, max_new_tokens=max_new_tokens, repetition_penalty=1.1)
+        _NEUTRAL_CACHE[key] = answer_residual_mean(model, tokenizer, NEUTRAL_PROMPTS, answers, layer)
+    return _NEUTRAL_CACHE[key]
+
+
+def concept_direction(
+    model,
+    tokenizer,
+    concept: str,
+    layer: int,
+    concept_texts: Sequence[str] | None = None,
+    max_new_tokens: int = 80,
+    label: str | None = None,
+) -> SteeringDirection:
+    """A unit direction toward ``concept`` at ``layer``, with the layer's reference norm.
+
+    Without ``concept_texts`` the model writes them itself (greedy answers to a few
+    requests about the concept)."""
+    layer = resolve_layer(model, layer)
+    prompts = [p.format(concept=concept) for p in CONCEPT_PROMPTS]
+    if concept_texts is None:
+        concept_texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, repetition_penalty=1.1)
+        source_texts = "self"
+    else:
+        concept_texts = list(concept_texts)
+        prompts = [prompts[i % len(prompts)] for i in range(len(concept_texts))]
+        source_texts = "given"
+    toward = answer_residual_mean(model, tokenizer, prompts, concept_texts, layer)
+    away = neutral_mean(model, tokenizer, layer, max_new_tokens)
+    return SteeringDirection(
+        vector=toward - away,
+        layer=layer,
+        label=label or concept,
+        source="concept",
+        model_id=model_name(model),
+        reference_norm=reference_norm(model, tokenizer, layer),
+        metadata={"concept": concept, "texts": source_texts, "n_texts": len(concept_texts)},
+    )

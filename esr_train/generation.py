@@ -1,0 +1,76 @@
+"""Chat rendering and batched generation shared by the CLI, data_gen and eval.
+
+Prompts are rendered with the model's own chat template (user turn, optional system
+turn) and tokenized *without* extra special tokens, since the templates already hold
+BOS. Batches are left-padded and sorted by length so padding stays small.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The chat-formatted text that precedes the assistant's answer."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer, texts: Sequence[str], padding_side: str = "left", device=None) -> dict:
+    """Tokenize already-rendered texts as one padded batch."""
+    old = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old
+    return {k: v.to(device) for k, v in enc.items()} if device is not None else dict(enc)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 0.6,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    batch_size: int = 16,
+    seed: int | None = None,
+    system: str | None = None,
+    rendered: bool = False,
+    progress: bool = False,
+) -> list[str]:
+    """Answer each prompt; returns the decoded new text in the input order.
+
+    ``rendered=True`` takes prompts that are already chat-formatted (or raw text for a
+    base-model continuation). ``seed`` makes sampling repeatable for a given batching.
+    """
+    texts = list(prompts) if rendered else [render_prompt(tokenizer, p, system) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    outputs: list[str] = [""] * len(texts)
+    device = next(model.parameters()).device
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, repetition_penalty=repetition_penalty,
+                  pad_token_id=tokenizer.pad_token_id)
+    if do_sample:
+        kwargs["temperature"] = temperature
+        if top_p is not None:
+            kwargs["top_p"] = top_p
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for b, idx in enumerate(tqdm(batches, desc="generate", disable=not progress, unit="batch")):
+        if seed is not None:
+            torch.manual_seed(seed + b)
+        enc = encode(tokenizer, [texts[i] for i in idx], "left", device)
+        out = model.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1]:]
+        for row, i in enumerate(idx):
+            outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+    return outputs

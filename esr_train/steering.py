@@ -1,0 +1,172 @@
+"""Applying steering directions to a model's residual stream during forward passes.
+
+``steer(model, directions, strength)`` is a context manager: it registers forward hooks
+on the chosen decoder layers (all hooks first, then ``try/finally``, so a failure never
+leaves a hook behind or meets an unbound handle) and removes them on exit. Nothing in the
+model is mutated. The hooks act on every forward pass, the prompt pass *and* each decode
+step with the KV cache (a common bug elsewhere steers only the prompt), on plain and
+PEFT-wrapped Llama and Gemma models, and on left-padded batches.
+
+Schedules:
+- ``all`` (the study's protocol, default): every position, prompt included.
+- ``generated``: only positions after the prompt (needs the prompt pass to come first,
+  as in ``generate``; the first generated token is predicted from an unsteered prompt).
+- ``prompt+first:N``: the prompt and the first N generated tokens, then no push (a
+  diagnostic: does the model recover once steering stops?).
+For the last two the hooks need absolute positions: a pre-hook on the decoder reads them
+from the 2-D attention mask (whose length is past + current tokens in ``generate``).
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from esr_train.directions import SteeringDirection, check_direction
+from esr_train.layers import decoder_layers, decoder_module, resolve_layer
+
+_WINDOW_RE = re.compile(r"^prompt\+first:(\d+)$")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which positions receive the push: ``mode`` in all / generated / window."""
+
+    mode: str = "all"
+    first_n: int = 0
+
+    @classmethod
+    def parse(cls, spec: "str | Schedule | None") -> "Schedule":
+        if isinstance(spec, Schedule):
+            return spec
+        spec = (spec or "all").strip()
+        if spec in ("all", "generated"):
+            return cls(spec)
+        match = _WINDOW_RE.match(spec)
+        if match:
+            return cls("window", int(match.group(1)))
+        raise ValueError(f"unknown steering schedule {spec!r}; valid: all, generated, prompt+first:N")
+
+    def __str__(self) -> str:
+        return f"prompt+first:{self.first_n}" if self.mode == "window" else self.mode
+
+
+class _PositionTracker:
+    """Knows the absolute positions of the tokens in the current forward pass and where
+    the prompt ended (the length of the first pass that started at position 0)."""
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.length = 0
+        self.prompt_length: int | None = None
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        current = ids.shape[1] if ids is not None else embeds.shape[1]
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            start = mask.shape[1] - current
+        elif cache is not None and hasattr(cache, "get_seq_length"):
+            start = int(cache.get_seq_length())
+        else:
+            start = 0
+        self.start, self.length = start, current
+        if start == 0:
+            self.prompt_length = current
+        return None
+
+    def mask(self, schedule: Schedule, device, dtype) -> torch.Tensor:
+        pos = torch.arange(self.start, self.start + self.length, device=device)
+        prompt = self.prompt_length or 0
+        if schedule.mode == "generated":
+            keep = pos >= prompt
+        else:  # window: the prompt plus the first N generated tokens
+            keep = pos < prompt + schedule.first_n
+        return keep.to(dtype).view(1, -1, 1)
+
+
+def _as_pairs(directions, strength) -> list[tuple[SteeringDirection, float]]:
+    if isinstance(directions, SteeringDirection):
+        if strength is None:
+            raise ValueError("steer(model, direction, strength): strength is required")
+        return [(directions, float(strength))]
+    pairs = []
+    for item in directions:
+        if isinstance(item, SteeringDirection):
+            if strength is None:
+                raise ValueError("a list of directions without strengths needs strength=")
+            pairs.append((item, float(strength)))
+        else:
+            direction, s = item
+            pairs.append((direction, float(s)))
+    return pairs
+
+
+def layer_vectors(model, pairs: Sequence[tuple[SteeringDirection, float]], unit: str = "norm") -> dict[int, torch.Tensor]:
+    """Sum the pushes per layer (one add per layer per step, however many directions)."""
+    per_layer: dict[int, torch.Tensor] = {}
+    for direction, strength in pairs:
+        check_direction(model, direction)
+        layer = resolve_layer(model, direction.layer)
+        push = direction.vector * direction.coefficient(strength, unit)
+        per_layer[layer] = per_layer.get(layer, 0) + push
+    return per_layer
+
+
+@contextmanager
+def steer(
+    model,
+    directions: "SteeringDirection | Sequence[SteeringDirection | tuple[SteeringDirection, float]]",
+    strength: float | None = None,
+    *,
+    unit: str = "norm",
+    schedule: "str | Schedule" = "all",
+) -> Iterator[None]:
+    """Add ``strength x direction`` to the residual output of each direction's layer
+    while the block runs. ``directions`` is one direction, a list (same ``strength``),
+    or ``(direction, strength)`` pairs. ``unit="norm"`` scales by the direction's
+    reference norm; ``unit="raw"`` takes the strength as given. Shapes and layers are
+    checked before anything is registered."""
+    sched = Schedule.parse(schedule)
+    per_layer = layer_vectors(model, _as_pairs(directions, strength), unit)
+    layers = decoder_layers(model)
+    param = next(model.parameters())
+    tracker = _PositionTracker() if sched.mode != "all" else None
+
+    def make_hook(vec: torch.Tensor):
+        cast: dict = {}
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            key = (hidden.device, hidden.dtype)
+            if key not in cast:
+                cast[key] = vec.to(device=hidden.device, dtype=hidden.dtype)
+            push = cast[key]
+            if tracker is not None:
+                push = push * tracker.mask(sched, hidden.device, hidden.dtype)
+            hidden = hidden + push
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    handles = []
+    try:
+        if tracker is not None:
+            handles.append(decoder_module(model).register_forward_pre_hook(tracker, with_kwargs=True))
+        for layer, vec in per_layer.items():
+            handles.append(layers[layer].register_forward_hook(make_hook(vec.to(param.device))))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
