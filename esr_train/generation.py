@@ -46,12 +46,24 @@ def generate(
     system: str | None = None,
     rendered: bool = False,
     progress: bool = False,
+    row_steering: "Sequence | None" = None,
+    strength: "float | Sequence[float]" = 0.0,
+    schedule: str = "all",
 ) -> list[str]:
     """Answer each prompt; returns the decoded new text in the input order.
 
     ``rendered=True`` takes prompts that are already chat-formatted (or raw text for a
     base-model continuation). ``seed`` makes sampling repeatable for a given batching.
+    ``row_steering`` gives each prompt its own direction (or None), applied with
+    ``strength`` (one value or one per prompt) and ``schedule``; batches stay mixed.
     """
+    from contextlib import nullcontext
+
+    from esr_train.steering import steer_rows
+
+    if row_steering is not None and len(row_steering) != len(prompts):
+        raise ValueError(f"row_steering has {len(row_steering)} entries for {len(prompts)} prompts")
+    strengths = [float(strength)] * len(prompts) if isinstance(strength, (int, float)) else list(strength)
     texts = list(prompts) if rendered else [render_prompt(tokenizer, p, system) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     outputs: list[str] = [""] * len(texts)
@@ -69,7 +81,10 @@ def generate(
         if seed is not None:
             torch.manual_seed(seed + b)
         enc = encode(tokenizer, [texts[i] for i in idx], "left", device)
-        out = model.generate(**enc, **kwargs)
+        ctx = nullcontext() if row_steering is None else steer_rows(
+            model, [row_steering[i] for i in idx], [strengths[i] for i in idx], schedule=schedule)
+        with ctx:
+            out = model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()

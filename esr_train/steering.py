@@ -133,11 +133,45 @@ def steer(
     or ``(direction, strength)`` pairs. ``unit="norm"`` scales by the direction's
     reference norm; ``unit="raw"`` takes the strength as given. Shapes and layers are
     checked before anything is registered."""
+    with _installed(model, layer_vectors(model, _as_pairs(directions, strength), unit), schedule):
+        yield
+
+
+@contextmanager
+def steer_rows(
+    model,
+    rows: "Sequence[SteeringDirection | None]",
+    strength: "float | Sequence[float]",
+    *,
+    unit: str = "norm",
+    schedule: "str | Schedule" = "all",
+) -> Iterator[None]:
+    """Per-sequence steering for one batch: row ``i`` of every forward pass gets
+    ``strength[i] x rows[i]`` (``None``: no push), so trials toward different concepts
+    share one batched ``generate``. The batch must be in the same order as ``rows``."""
+    strengths = [float(strength)] * len(rows) if isinstance(strength, (int, float)) else [float(s) for s in strength]
+    if len(strengths) != len(rows):
+        raise ValueError(f"steer_rows: {len(rows)} rows but {len(strengths)} strengths")
+    per_layer: dict[int, torch.Tensor] = {}
+    for i, (direction, s) in enumerate(zip(rows, strengths)):
+        if direction is None:
+            continue
+        for layer, vec in layer_vectors(model, [(direction, s)], unit).items():
+            if layer not in per_layer:
+                per_layer[layer] = torch.zeros(len(rows), vec.numel())
+            per_layer[layer][i] += vec
+    with _installed(model, {layer: m[:, None, :] for layer, m in per_layer.items()}, schedule):
+        yield
+
+
+@contextmanager
+def _installed(model, per_layer: dict[int, torch.Tensor], schedule: "str | Schedule") -> Iterator[None]:
+    """Register the hooks that add ``per_layer[L]`` (shape [D], or [B, 1, D] per row) to
+    layer L's output; registration completes before ``try``, removal is in ``finally``."""
     sched = Schedule.parse(schedule)
-    per_layer = layer_vectors(model, _as_pairs(directions, strength), unit)
     layers = decoder_layers(model)
     param = next(model.parameters())
-    tracker = _PositionTracker() if sched.mode != "all" else None
+    tracker = _PositionTracker() if sched.mode != "all" and per_layer else None
 
     def make_hook(vec: torch.Tensor):
         cast: dict = {}
@@ -148,6 +182,8 @@ def steer(
             if key not in cast:
                 cast[key] = vec.to(device=hidden.device, dtype=hidden.dtype)
             push = cast[key]
+            if push.dim() == 3 and push.shape[0] != hidden.shape[0]:
+                raise ValueError(f"per-row steering for {push.shape[0]} rows met a batch of {hidden.shape[0]}")
             if tracker is not None:
                 push = push * tracker.mask(sched, hidden.device, hidden.dtype)
             hidden = hidden + push

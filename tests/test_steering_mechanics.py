@@ -213,3 +213,26 @@ def test_direction_round_trips(tmp_path):
         load_vector_file(tmp_path / "m.pt", layer=1)
     with pytest.raises(DirectionError, match="zero"):
         SteeringDirection(torch.zeros(8), layer=0, label="z")
+
+
+def test_per_row_steering_equals_each_row_steered_alone(tiny_model):
+    """steer_rows lets one batch carry a different direction per sequence (eval and
+    data_gen mix concepts in a batch); each row must match that row steered alone."""
+    from esr_train.steering import steer_rows
+
+    a, b = direction(tiny_model, seed=1, norm=20.0), direction(tiny_model, seed=2, norm=20.0)
+    prompts = [[5, 17, 33, 9, 41, 7, 12], [8, 3, 22], [40, 41, 42, 43, 44]]
+    rows = [a, None, b]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with steer_rows(tiny_model, rows, [1.0, 1.0, 0.5]):
+        batched = _gen(tiny_model, ids, mask)
+    for p, d, s, got in zip(prompts, rows, [1.0, 1.0, 0.5], batched):
+        if d is None:
+            alone = _gen(tiny_model, torch.tensor([p]))[0]
+        else:
+            with steer(tiny_model, d, s):
+                alone = _gen(tiny_model, torch.tensor([p]))[0]
+        assert torch.equal(got, alone)
+    assert all(not layer._forward_hooks for layer in decoder_layers(tiny_model))
