@@ -7,6 +7,7 @@ subcommand, so ``esr --help`` is instant. Logic lives in the packages, never her
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -96,6 +97,100 @@ def _steer(args) -> int:
     return 0
 
 
+def _add_generate(sub) -> None:
+    from data_gen.builder import GenerateConfig
+    from esr_train.config import add_dataclass_arguments
+
+    p = sub.add_parser("generate", help="build a synthetic self-correction dataset (data_gen)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML; its 'data' section (and model.name) are read")
+    p.add_argument("--out", "--output_dir", dest="out", required=True, help="dataset directory to write")
+    add_dataclass_arguments(p, GenerateConfig)
+    p.set_defaults(func=_generate)
+
+
+def _generate(args) -> int:
+    from data_gen.builder import GenerateConfig, build_dataset, format_summary
+    from esr_train.config import build, load_recipe, section_with_overrides
+
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    model = (recipe or {}).get("model", {}).get("name")
+    values = section_with_overrides(recipe, "data", args, GenerateConfig, extra={"model": model})
+    cfg = build(GenerateConfig, values, f"{args.recipe}: data" if args.recipe else "esr generate")
+    summary = build_dataset(cfg, args.out)
+    print(format_summary(summary))
+    print(f"dataset: {args.out} (datasets.load_from_disk), JSONL: {args.out}/train.jsonl, {args.out}/test.jsonl")
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a LoRA adapter on a generated dataset (TRL SFTTrainer + PEFT)",
+                       description="Any recipe key can be overridden: --learning_rate 1e-4 --max_steps 20 --r 8 ...")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (sections model, data, train, eval)")
+    p.add_argument("--dataset", help="dataset directory (default: the recipe's train.dataset)")
+    p.add_argument("--output_dir", "--out", dest="output_dir", help="adapter directory to write")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output_dir")
+    p.add_argument("--list-keys", action="store_true", help="print every valid train key and exit")
+    p.set_defaults(func=_train, accepts_overrides=True)
+
+
+def parse_overrides(extra: list[str]) -> dict:
+    """``--key value`` pairs (or ``--key=value``) -> {key: YAML-typed value}."""
+    from esr_train.config import RecipeError
+    from esr_train.training.recipe import coerce
+
+    out, i = {}, 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            raise RecipeError(f"unexpected argument {item!r}: overrides are --key value")
+        key, eq, value = item[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise RecipeError(f"override --{key} needs a value")
+            value, i = extra[i + 1], i + 1
+        out[key.replace("-", "_")] = coerce(value)
+        i += 1
+    return out
+
+
+def _train(args) -> int:
+    from esr_train.config import load_recipe
+
+    if args.list_keys:
+        from esr_train.training.recipe import all_train_keys
+
+        for owner, keys in all_train_keys().items():
+            print(f"{owner}: {', '.join(keys)}")
+        return 0
+    if not args.recipe:
+        raise SystemExit("esr train: a recipe is required (see recipes/quick.yaml)")
+    from esr_train.training.trainer import train
+
+    recipe = load_recipe(args.recipe)
+    out = args.output_dir or recipe.get("train", {}).get("output_dir") or "outputs/adapter"
+    summary = train(recipe, out, overrides=args.overrides, dataset_dir=args.dataset, resume=args.resume,
+                    where=str(args.recipe))
+    print(json.dumps({k: summary[k] for k in ("model", "dtype", "steps", "tokens", "tokens_per_s", "first_train_loss",
+                                              "final_train_loss", "final_eval_loss")}, indent=2))
+    print(f"adapter: {out}")
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge an adapter into full-precision base weights")
+    p.add_argument("adapter", help="adapter directory written by esr train")
+    p.add_argument("--out", required=True, help="directory for the merged model")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=_merge)
+
+
+def _merge(args) -> int:
+    from esr_train.training.trainer import merge
+
+    print(f"merged model: {merge(args.adapter, args.out, args.dtype)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esr", description="Induce, measure and compare endogenous steering resistance.")
     parser.add_argument("--version", action="version", version=f"esr-train {__version__}")
@@ -103,23 +198,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_models(sub)
     _add_steer(sub)
+    _add_generate(sub)
+    _add_train(sub)
+    _add_merge(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from data_gen.banks import BankError
+    from data_gen.builder import GenerateError
+    from esr_train.config import RecipeError
     from esr_train.directions import DirectionError
     from esr_train.layers import LayerError
     from esr_train.zoo import ModelLoadError
 
+    from esr_train.training.trainer import TrainError
+
     try:
+        if getattr(args, "accepts_overrides", False):
+            args.overrides = parse_overrides(extra)
         return int(args.func(args) or 0)
-    except (ModelLoadError, DirectionError, LayerError) as exc:
+    except (ModelLoadError, DirectionError, LayerError, RecipeError, BankError, GenerateError, TrainError) as exc:
         print(f"esr {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

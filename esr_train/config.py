@@ -1,0 +1,94 @@
+"""Settings from dataclasses, recipes and the command line, in one way for every subcommand.
+
+A recipe is one YAML file with sections ``model``, ``data``, ``train`` and ``eval``
+(alignment-handbook style: keys are the dataclass field names unchanged). Each
+subcommand reads its section, then applies command-line overrides spelled like the
+fields (``--learning_rate 1e-4``; dashes also accepted). An unknown key is an error that
+names the file, the section and the valid keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+SECTIONS = ("model", "data", "train", "eval")
+
+
+class RecipeError(ValueError):
+    """A recipe that does not parse or holds unknown keys; one line."""
+
+
+def _caster(type_str: str):
+    t = str(type_str).replace(" ", "")
+    base = t.split("|")[0] if "|" in t else t
+    return {"int": int, "float": float, "str": str, "bool": _bool}.get(base, str)
+
+
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One ``--field`` option per dataclass field (default None = 'not given')."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        parser.add_argument(*names, dest=f.name, type=_caster(f.type), default=None,
+                            help=f"{f.metadata.get('help', '')} (default: {default})")
+
+
+def build(cls, values: dict[str, Any], where: str):
+    """``cls(**values)`` with an error naming ``where`` and the valid keys on unknown keys."""
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+
+
+def load_recipe(path: str | Path) -> dict[str, dict]:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: no such recipe")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections {', '.join(SECTIONS)}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise RecipeError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+    for name, body in data.items():
+        if body is not None and not isinstance(body, dict):
+            raise RecipeError(f"{path}: section {name!r} must be a mapping")
+    return {name: dict(data.get(name) or {}) for name in SECTIONS}
+
+
+def section_with_overrides(recipe: dict[str, dict] | None, section: str, args: argparse.Namespace, cls,
+                           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Recipe section values, then ``extra`` (e.g. the model name), then the flags given."""
+    values = dict((recipe or {}).get(section, {}))
+    values.update({k: v for k, v in (extra or {}).items() if v is not None})
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return values

@@ -1,0 +1,110 @@
+"""The recipe's ``model`` and ``train`` sections, split onto the libraries' own classes.
+
+``model``: ``name`` (bundled name, hub id or directory), ``dtype`` (``auto``: bf16 only
+where the hardware runs it natively), ``quantization`` (``4bit`` / ``8bit`` / null:
+bitsandbytes QLoRA, CUDA only), ``attn_implementation``.
+
+``train``: a flat mapping whose keys are spelled exactly as ``trl.SFTConfig`` and
+``peft.LoraConfig`` spell them (``max_length``, ``warmup_steps`` as a ratio below 1,
+``r``, ``lora_alpha``, ``target_modules``...), plus the few keys of ``TrainExtras``.
+Each key is routed to the class that owns it; an unknown key is an error listing them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from esr_train.config import RecipeError
+
+QUANTIZATION = (None, "4bit", "8bit")
+
+
+@dataclass
+class ModelSection:
+    name: str = field(default="smollm2-135m", metadata={"help": "bundled name, hub id or local directory"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    quantization: str | None = field(default=None, metadata={"help": "4bit | 8bit (bitsandbytes QLoRA, CUDA only)"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager | sdpa | flash_attention_2"})
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION:
+            raise RecipeError(f"model.quantization must be 4bit, 8bit or null, got {self.quantization!r}")
+
+
+@dataclass
+class TrainExtras:
+    """esr-train's own training keys (everything else belongs to SFTConfig / LoraConfig)."""
+
+    dataset: str | None = field(default=None, metadata={"help": "dataset directory written by esr generate"})
+    system_prompt: str | None = field(default=None, metadata={"help": "system turn added to every training chat"})
+    eval_split: str | None = field(default="test", metadata={"help": "dataset split for eval loss (null: none)"})
+
+
+# defaults that differ from SFTConfig's, chosen for small CPU runs; a recipe overrides any
+SFT_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "max_length": 512,
+    "packing": False,
+    "logging_steps": 5,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 2,
+    "seed": 0,
+    "report_to": "none",
+    "activation_checkpointing_kwargs": {"use_reentrant": False},
+}
+LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+                                 "task_type": "CAUSAL_LM"}
+
+
+def _names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def split_train_section(values: dict[str, Any], where: str) -> tuple[dict, dict, dict]:
+    """(sft kwargs, lora kwargs, extras kwargs) from a flat ``train`` mapping."""
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    sft_keys, lora_keys, extra_keys = _names(SFTConfig), _names(LoraConfig), _names(TrainExtras)
+    renamed = {"max_seq_length": "max_length", "torch_dtype": "dtype (in the model section)",
+               "gradient_checkpointing": "activation_checkpointing",
+               "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+    sft, lora, extras = dict(SFT_DEFAULTS), dict(LORA_DEFAULTS), {}
+    for key, value in values.items():
+        if key in renamed:
+            raise RecipeError(f"{where}: {key!r} is spelled {renamed[key]!r} in current TRL/transformers")
+        if key in extra_keys:
+            extras[key] = value
+        elif key in lora_keys:
+            lora[key] = value
+        elif key in sft_keys:
+            sft[key] = value
+        else:
+            raise RecipeError(
+                f"{where}: unknown key {key!r}; valid: esr keys {', '.join(sorted(extra_keys))}; "
+                f"peft.LoraConfig keys (r, lora_alpha, lora_dropout, target_modules, ...); trl.SFTConfig keys "
+                f"(learning_rate, num_train_epochs, max_steps, max_length, ...): see `esr train --list-keys`")
+    return sft, lora, extras
+
+
+def all_train_keys() -> dict[str, list[str]]:
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    return {"esr": sorted(_names(TrainExtras)), "peft.LoraConfig": sorted(_names(LoraConfig)),
+            "trl.SFTConfig": sorted(_names(SFTConfig))}
+
+
+def coerce(value: str) -> Any:
+    """Command-line override text -> YAML scalar (numbers, booleans, null, lists)."""
+    import yaml
+
+    return yaml.safe_load(value)

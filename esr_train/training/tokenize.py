@@ -1,0 +1,173 @@
+"""Rows -> masked token sequences for SFT, built from the row's structured parts.
+
+The sequence is the chat template's rendering of [user prompt, assistant turn] up to and
+including the end-of-turn token, assembled segment by segment so the loss mask falls
+exactly on part boundaries instead of being recovered from text offsets:
+
+    render_prompt(prompt)  distraction  " " restart  " " answer  <end-of-turn>
+    [-100 .........................]    [trained ......................... ]
+
+The model sees the distraction as context but is never taught to produce it; it learns to
+restart, answer, and stop on the template's end-of-turn token (Gemma: ``<end_of_turn>``,
+not ``<eos>``, which the chat template never emits after a turn). The template's trailing
+newline after the end token is dropped: nothing is generated after the stop token, so
+training it would only teach a token that is never sampled.
+
+Each segment is tokenized on its own with ``add_special_tokens=False`` (the rendered
+prompt already holds BOS where the model has one); the separating space starts the
+following segment, as in ``Transcript.assistant_text``. For SmolLM2 and Gemma 3 the ids
+equal a one-shot tokenization of the full rendering (tested), because both tokenizers
+attach a leading space to the following word.
+
+Rows longer than ``max_length`` are dropped, never truncated: truncating would cut off the
+restart, the one thing the adapter must learn.
+
+TRL 1.16 (``SFTTrainer._prepare_dataset``) treats a dataset with an ``input_ids`` column as
+pre-tokenized and uses a ``labels`` column as is; ``DataCollatorForLanguageModeling`` pads
+``labels`` with -100 and builds its own attention mask (the dataset's ``attention_mask`` is
+removed as an unused column). TRL still truncates to ``SFTConfig.max_length`` (default
+1024), so set it to ``None`` or at least the ``max_length`` used here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
+
+from esr_train.generation import render_prompt
+
+if TYPE_CHECKING:
+    import datasets
+
+IGNORE = -100
+_MARKER = "ESR_END_OF_TURN_PROBE"
+_FORMAT = 1  # bump when the sequence layout changes, so cached maps are not reused
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with no BOS/EOS added (templates carry their own)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token(s) the chat template puts right after an assistant message's text.
+
+    Found by rendering a one-turn chat with a known assistant text and tokenizing what
+    follows it, minus trailing whitespace (the newline between turns is never generated).
+    Falls back to the tokenizer's EOS when the template adds nothing after the text.
+    """
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _MARKER}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    at = rendered.rfind(_MARKER)
+    if at < 0:
+        raise ValueError("the chat template did not render the assistant message")
+    ids = _encode(tokenizer, rendered[at + len(_MARKER):].rstrip())
+    if not ids:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the chat template closes no turn and the tokenizer has no EOS")
+        ids = [tokenizer.eos_token_id]
+    return ids
+
+
+def _check_no_added_bos(tokenizer, text: str, ids: list[int]) -> None:
+    """BOS appears only where the text spells it (the template's own), so never doubled."""
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if bos and bos_id is not None and ids.count(bos_id) != text.count(bos):
+        raise AssertionError(f"tokenization added a BOS token ({ids.count(bos_id)} in ids, {text.count(bos)} in text)")
+
+
+def tokenize_row(
+    row: dict[str, Any],
+    tokenizer,
+    max_length: int,
+    system: str | None = None,
+    eot: list[int] | None = None,
+) -> dict[str, Any] | None:
+    """One row -> {"input_ids", "attention_mask", "labels", "n_loss_tokens"}, or None when
+    the row is longer than ``max_length`` or would train on nothing.
+
+    ``eot`` (from ``end_of_turn_ids``) may be passed to skip re-probing the template.
+    """
+    kind = row.get("kind") or "normal"
+    answer = (row.get("answer") or "").strip()
+    if kind == "self_correction":
+        distraction, restart = (row.get("distraction") or "").strip(), (row.get("restart") or "").strip()
+        if not distraction or not restart:
+            raise ValueError("self_correction row needs a distraction and a restart")
+        masked_text, trained_texts = distraction, [" " + restart, " " + answer if answer else ""]
+    elif kind == "normal":
+        masked_text, trained_texts = "", [answer]
+    else:
+        raise ValueError(f"unknown row kind {kind!r}")
+
+    prompt_text = render_prompt(tokenizer, row["prompt"], system)
+    prompt_ids = _encode(tokenizer, prompt_text)
+    masked_ids = _encode(tokenizer, masked_text)
+    trained_ids = [i for t in trained_texts for i in _encode(tokenizer, t)]
+    for text, ids in ((prompt_text, prompt_ids), (masked_text, masked_ids), ("".join(trained_texts), trained_ids)):
+        _check_no_added_bos(tokenizer, text, ids)
+    if not trained_ids:
+        return None
+    trained_ids += end_of_turn_ids(tokenizer) if eot is None else eot
+
+    input_ids = prompt_ids + masked_ids + trained_ids
+    if len(input_ids) > max_length:
+        return None
+    labels = [IGNORE] * (len(prompt_ids) + len(masked_ids)) + trained_ids
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
+            "n_loss_tokens": len(trained_ids)}
+
+
+def _map_row(row: dict[str, Any], tokenizer, max_length: int, system: str | None, eot: list[int]) -> dict[str, Any]:
+    """``Dataset.map`` cannot drop rows, so a status column records why a row goes."""
+    out = tokenize_row(row, tokenizer, max_length, system, eot)
+    if out is not None:
+        return {**out, "_status": "ok"}
+    # tell the two reasons apart: a row that fits but trains nothing vs. one that is too long
+    status = "no_loss" if tokenize_row(row, tokenizer, 10**9, system, eot) is None else "too_long"
+    return {"input_ids": [], "attention_mask": [], "labels": [], "n_loss_tokens": 0, "_status": status}
+
+
+def _fingerprint(ds: "datasets.Dataset", tokenizer, max_length: int, system: str | None, eot: list[int]) -> str:
+    """A cheap cache key for ``Dataset.map``: by default datasets dill-hashes the whole
+    tokenizer (about 10 s for Gemma's 262k vocabulary) on every call."""
+    key = [getattr(ds, "_fingerprint", None), tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template,
+           max_length, system, eot, _FORMAT]
+    return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
+
+
+def tokenize_dataset(
+    ds: "datasets.Dataset",
+    tokenizer,
+    max_length: int,
+    system: str | None = None,
+    num_proc: int = 1,
+) -> tuple["datasets.Dataset", dict[str, int]]:
+    """Tokenize and mask every row; returns (dataset with input_ids / attention_mask /
+    labels, stats). Dropped rows are counted, never silently lost."""
+    from datasets import Features, List, Value
+
+    eot = end_of_turn_ids(tokenizer)
+    features = Features({"input_ids": List(Value("int32")), "attention_mask": List(Value("int8")),
+                         "labels": List(Value("int32")), "n_loss_tokens": Value("int32"), "_status": Value("string")})
+    mapped = ds.map(
+        _map_row,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "system": system, "eot": eot},
+        remove_columns=ds.column_names,
+        features=features,
+        new_fingerprint=_fingerprint(ds, tokenizer, max_length, system, eot),
+        num_proc=num_proc if num_proc > 1 else None,
+        desc="tokenize",
+    )
+    status = list(mapped["_status"])
+    kept = mapped.filter(lambda s: s == "ok", input_columns="_status")
+    stats = {
+        "rows_in": len(ds),
+        "rows_kept": len(kept),
+        "dropped_too_long": status.count("too_long"),
+        "dropped_no_loss": status.count("no_loss"),
+        "loss_tokens": int(sum(list(kept["n_loss_tokens"]))),
+        "tokens": int(sum(len(ids) for ids in kept["input_ids"])),
+    }
+    return kept.select_columns(["input_ids", "attention_mask", "labels"]), stats

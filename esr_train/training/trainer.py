@@ -1,0 +1,187 @@
+"""``esr train``: a data_gen dataset -> a PEFT LoRA adapter, with TRL's SFTTrainer.
+
+The loss covers the restart and the answer only (normal rows: the whole answer); the
+user prompt and the distraction are masked. That mask is built from the structured
+parts with each model's own chat template (``esr_train.training.tokenize``) and handed
+to SFTTrainer as a pre-tokenized dataset, because a conversational prompt/completion
+pair cannot mask *part* of an assistant turn.
+
+Output directory: the adapter (``PeftModel.from_pretrained(base, dir)`` loads it), the
+tokenizer, the resolved recipe, ``train_log.jsonl`` (every logged step) and
+``esr_train_summary.json`` (steps, tokens, tokens/s, final train/eval loss, dataset
+fingerprint, dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from esr_train.cache import atomic_write_json, atomic_write_text, read_json
+from esr_train.config import RecipeError, build
+from esr_train.training.recipe import ModelSection, TrainExtras, split_train_section
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(RuntimeError):
+    """Training cannot start as configured; one line saying why and what to do."""
+
+
+def _jsonl_callback(path: Path):
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Appends every log event (loss, lr, eval loss...) to ``train_log.jsonl``."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with open(path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+    return JsonlLog()
+
+
+def quantization_config(section: ModelSection, dtype):
+    """bitsandbytes settings for QLoRA; a clear error where the platform cannot run it."""
+    if section.quantization is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TrainError(f"model.quantization={section.quantization} (bitsandbytes QLoRA) needs a CUDA GPU, and this "
+                         "machine has none; remove 'quantization' to train in full precision on CPU")
+    from transformers import BitsAndBytesConfig
+
+    if section.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # quant_storage equal to the compute dtype lets ZeRO-3 / FSDP shard the 4-bit weights
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+
+
+def dataset_fingerprint(dataset_dir: Path, ds) -> dict:
+    summary = read_json(dataset_dir / "summary.json", default={}) or {}
+    return {"path": str(dataset_dir), "fingerprints": {k: v._fingerprint for k, v in ds.items()},
+            "rows": {k: len(v) for k, v in ds.items()}, "generate_config": summary.get("config")}
+
+
+def resolve_sections(recipe: dict[str, dict], overrides: dict[str, Any], where: str):
+    """Model section, (sft, lora, extras) kwargs, with overrides routed to their owner."""
+    model_values = dict(recipe.get("model", {}))
+    train_values = dict(recipe.get("train", {}))
+    model_keys = {f for f in ModelSection.__dataclass_fields__}
+    for key, value in overrides.items():
+        (model_values if key in model_keys else train_values)[key] = value
+    section = build(ModelSection, model_values, f"{where}: model")
+    sft, lora, extras = split_train_section(train_values, f"{where}: train")
+    return section, sft, lora, build(TrainExtras, extras, f"{where}: train")
+
+
+def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, Any] | None = None,
+          dataset_dir: str | Path | None = None, resume: bool = False, where: str = "recipe") -> dict:
+    """Train one adapter; returns the training summary."""
+    import torch
+    from datasets import load_from_disk
+    from peft import LoraConfig
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    from esr_train.dtype import resolve_dtype
+    from esr_train.training.tokenize import tokenize_dataset
+    from esr_train.zoo import load_model
+
+    section, sft_kwargs, lora_kwargs, extras = resolve_sections(recipe, overrides or {}, where)
+    out = Path(output_dir)
+    data_path = Path(dataset_dir or extras.dataset or "")
+    if not (data_path / "dataset_dict.json").exists():
+        raise TrainError(f"no dataset at {str(data_path) or '(none given)'}: run `esr generate` first, or pass --dataset DIR")
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last and not resume:
+        raise TrainError(f"{out} already holds checkpoints ({Path(last).name}); pass --resume to continue, "
+                         "or choose another --output_dir")
+    cuda = torch.cuda.is_available()
+    dtype = resolve_dtype(section.dtype, "cuda" if cuda else "cpu")
+    ds = load_from_disk(str(data_path))
+    model, tok = load_model(section.name, dtype=str(dtype).replace("torch.", ""),
+                            quantization=quantization_config(section, dtype))
+    if section.attn_implementation:
+        model.config._attn_implementation = section.attn_implementation
+    max_length = int(sft_kwargs.get("max_length") or 512)
+    train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, system=extras.system_prompt)
+    if len(train_ds) == 0:
+        raise TrainError(f"no training rows left after tokenization ({train_stats}); raise max_length")
+    eval_ds, eval_stats = (None, None)
+    if extras.eval_split and extras.eval_split in ds and len(ds[extras.eval_split]):
+        eval_ds, eval_stats = tokenize_dataset(ds[extras.eval_split], tok, max_length, system=extras.system_prompt)
+        sft_kwargs.setdefault("eval_strategy", "steps")
+        sft_kwargs.setdefault("eval_steps", sft_kwargs.get("save_steps", 50))
+    sft_kwargs.setdefault("bf16", dtype == torch.bfloat16)
+    sft_kwargs.setdefault("fp16", dtype == torch.float16)
+    sft_kwargs.setdefault("use_cpu", not cuda)
+    sft_kwargs["output_dir"] = str(out)
+    if "include_num_input_tokens_seen" in SFTConfig.__dataclass_fields__:
+        sft_kwargs.setdefault("include_num_input_tokens_seen", True)
+    try:
+        args = SFTConfig(**sft_kwargs)
+        peft_config = LoraConfig(**lora_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{where}: train: {str(exc).splitlines()[0]}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tok, peft_config=peft_config,
+                         callbacks=[_jsonl_callback(out / "train_log.jsonl")])
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last if resume and last else None)
+    wall = time.perf_counter() - t0
+    trainer.save_model(str(out))
+    tok.save_pretrained(str(out))
+    final_eval = trainer.evaluate() if eval_ds is not None else {}
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    summary = {
+        "model": section.name, "dtype": str(dtype).replace("torch.", ""), "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch, "tokens": tokens, "train_runtime_s": round(wall, 1),
+        "tokens_per_s": round(tokens / wall, 1) if tokens and wall else None,
+        "first_train_loss": losses[0] if losses else None, "final_train_loss": losses[-1] if losses else None,
+        "train_loss_mean": result.training_loss, "final_eval_loss": final_eval.get("eval_loss"),
+        "tokenize": {"train": train_stats, "eval": eval_stats},
+        "dataset": dataset_fingerprint(data_path, ds), "resumed_from": Path(last).name if resume and last else None,
+        "lora": {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_kwargs.items()},
+    }
+    atomic_write_json(out / "esr_train_summary.json", summary)
+    import yaml
+
+    resolved = {"model": {k: getattr(section, k) for k in ModelSection.__dataclass_fields__},
+                "train": {**{k: v for k, v in sft_kwargs.items() if k != "output_dir"}, **lora_kwargs,
+                          **{k: getattr(extras, k) for k in TrainExtras.__dataclass_fields__}}}
+    resolved["train"]["dataset"] = str(data_path)
+    atomic_write_text(out / "esr_recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    return summary
+
+
+def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> Path:
+    """Merge an adapter into a full-precision copy of its base (never into a 4-bit base)
+    and save weights that ``AutoModelForCausalLM.from_pretrained`` loads."""
+    from peft import PeftConfig, PeftModel
+
+    from esr_train.cache import atomic_directory
+    from esr_train.zoo import load_model
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise TrainError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    recipe = read_json(adapter_dir / "esr_train_summary.json", default={}) or {}
+    base_name = recipe.get("model") or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    model, tok = load_model(base_name, dtype=dtype)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    if hasattr(merged.config, "esr_model_name"):
+        merged.config.esr_model_name = f"{base_name}+{adapter_dir.name}"
+    with atomic_directory(out_dir) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+    return Path(out_dir)

@@ -1,0 +1,124 @@
+"""Real LoRA training on SmolLM2-135M with a tiny dataset (slow tier, about a minute)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_gen.builder import GenerateConfig, build_dataset
+
+pytestmark = pytest.mark.slow
+
+ROWS = [
+    {"prompt": "How do you boil an egg?", "answer": "Put the egg in boiling water for eight minutes, then cool it in cold water.",
+     "distraction": "Octopuses have three hearts and blue blood.", "subject": "octopuses", "split": "train"},
+    {"prompt": "Explain how to add two fractions.", "answer": "Find a common denominator, convert both fractions, then add the numerators.",
+     "split": "train"},
+    {"prompt": "How do you water a cactus?", "answer": "Soak the soil completely, then wait until it is dry before watering again.",
+     "distraction": "The Eiffel Tower was finished in 1889. It is made of iron.", "subject": "the Eiffel Tower", "split": "train"},
+    {"prompt": "How do you sharpen a pencil?", "answer": "Turn the pencil in a sharpener until the tip is pointed, then blow away the shavings.",
+     "split": "train"},
+    {"prompt": "How do you fold a towel?", "answer": "Fold it in half lengthwise, then in thirds, and stack it with the fold facing out.",
+     "distraction": "Volcanoes erupt when magma rises.", "subject": "volcanoes", "split": "test"},
+]
+RECIPE = {"model": {"name": "smollm2-135m", "dtype": "float32"}, "data": {},
+          "train": {"r": 8, "lora_alpha": 16, "learning_rate": 2e-3, "max_steps": 6, "per_device_train_batch_size": 2,
+                    "max_length": 256, "logging_steps": 1, "save_steps": 3, "warmup_steps": 0, "lr_scheduler_type": "constant",
+                    "eval_steps": 3}}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    src = root / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    build_dataset(GenerateConfig(backend="template", template_file=str(src)), root / "ds")
+    return root / "ds"
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    from esr_train.training.trainer import train
+
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    summary = train(RECIPE, out, dataset_dir=dataset)
+    return out, summary
+
+
+def test_training_lowers_loss_and_writes_an_adapter(trained):
+    out, summary = trained
+    assert summary["steps"] == 6 and summary["tokens"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["final_train_loss"] < summary["first_train_loss"]
+    assert summary["final_eval_loss"] is not None
+    for name in ("adapter_config.json", "adapter_model.safetensors", "esr_recipe.yaml", "esr_train_summary.json",
+                 "train_log.jsonl", "tokenizer_config.json"):
+        assert (out / name).exists(), name
+
+
+def test_adapter_changes_only_lora_weights_and_generations(trained, smollm):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from esr_train.generation import generate
+    from esr_train.zoo import load_model
+
+    out, _ = trained
+    base, tok = load_model("smollm2-135m", dtype="float32")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and all("lora_" in k for k in weights)
+    assert all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # B starts at zero: it was trained
+    model = PeftModel.from_pretrained(base, str(out))
+    prompts = ["How do you boil an egg?", "How do you water a cactus?"]
+    tuned = generate(model, tok, prompts, max_new_tokens=20)
+    with model.disable_adapter():
+        plain = generate(model, tok, prompts, max_new_tokens=20)
+    assert tuned != plain
+    for k, v in model.get_base_model().state_dict().items():
+        key = k.replace(".base_layer", "")
+        if "lora_" not in k and key in before:
+            assert torch.equal(v, before[key]), k
+
+
+def test_merge_writes_loadable_full_weights(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from esr_train.generation import generate
+    from esr_train.zoo import load_tokenizer
+
+    out, _ = trained
+    proc = subprocess.run([sys.executable, "-m", "esr_train.cli", "merge", str(out), "--out", str(tmp_path / "merged"),
+                           "--dtype", "float32"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert not any("lora" in k for k in merged.state_dict())
+    tok = load_tokenizer("smollm2-135m")
+    from peft import PeftModel
+
+    from esr_train.zoo import load_model
+
+    base, _ = load_model("smollm2-135m", dtype="float32")
+    peft = PeftModel.from_pretrained(base, str(out))
+    prompts = ["How do you boil an egg?"]
+    assert generate(merged, tok, prompts, max_new_tokens=15) == generate(peft, tok, prompts, max_new_tokens=15)
+
+
+def test_resume_continues_without_repeating_steps(dataset, trained, tmp_path):
+    from esr_train.training.trainer import TrainError, train
+
+    src, _ = trained
+    out = tmp_path / "adapter"
+    shutil.copytree(src / "checkpoint-3", out / "checkpoint-3")  # a run killed after step 3
+    with pytest.raises(TrainError, match="--resume"):
+        train(RECIPE, out, dataset_dir=dataset)
+    summary = train(RECIPE, out, dataset_dir=dataset, resume=True)
+    steps = [json.loads(l)["step"] for l in (out / "train_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l) and "eval_loss" not in json.loads(l)]
+    assert summary["resumed_from"] == "checkpoint-3" and summary["steps"] == 6
+    assert steps == [4, 5, 6]
