@@ -1,0 +1,86 @@
+"""Times ``esr generate --backend self`` on smollm2-135m against a naive baseline
+measured in the same run: the same kind of work (one steered distraction and one answer
+per transcript) done one prompt at a time with plain HF ``generate``.
+
+    python -m benchmarks.generate_bench [--n 300] [--json out.json]
+
+The naive baseline is timed on a sample of transcripts and scaled, so the comparison
+costs minutes, not an hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def naive_seconds_per_transcript(model, tok, cfg, samples: int = 4) -> float:
+    """One steered distraction + one answer, one prompt at a time, HF generate."""
+    import random
+
+    from data_gen.banks import load_prompts, load_subjects
+    from esr_train.concepts import concept_directions
+    from esr_train.generation import generate
+    from esr_train.steering import steer
+
+    rng = random.Random(0)
+    prompts = [p["prompt"] for p in rng.sample(load_prompts("train"), samples)]
+    subjects = [s["subject"] for s in rng.sample(load_subjects("train"), samples)]
+    dirs = concept_directions(model, tok, subjects, cfg.layer)  # directions are built in both paths
+    t0 = time.perf_counter()
+    for p, d in zip(prompts, dirs):
+        with steer(model, d, cfg.strength):
+            generate(model, tok, [p], do_sample=True, temperature=cfg.temperature, max_new_tokens=cfg.distraction_tokens,
+                     repetition_penalty=1.1, seed=0)
+        generate(model, tok, [p], max_new_tokens=cfg.answer_tokens, repetition_penalty=1.1)
+    return (time.perf_counter() - t0) / samples
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=300)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+
+    from data_gen.backends.self_backend import SelfBackend, SelfConfig
+    from data_gen.builder import GenerateConfig, build_dataset
+    from esr_train.dtype import cpu_dtype_verdict
+    from esr_train.zoo import load_model
+
+    cfg = GenerateConfig(n=args.n, mix=0.5, test_size=0.1, layer=15, seed=0)
+    model, tok = load_model(cfg.model, dtype=cfg.dtype)
+    work = Path(tempfile.mkdtemp(prefix="esr-bench-"))
+    try:
+        backend = SelfBackend(model, tok, cfg.model, SelfConfig(
+            layer=cfg.layer, strength=cfg.strength, distraction_tokens=cfg.distraction_tokens,
+            answer_tokens=cfg.answer_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size), work / ".work")
+        t0 = time.perf_counter()
+        summary = build_dataset(cfg, work, backend_impl=backend)
+        ours = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    naive = naive_seconds_per_transcript(model, tok, cfg)
+    per_min = summary["total"] / ours * 60
+    naive_per_min = 60 / naive
+    verdict = cpu_dtype_verdict()
+    rows = [
+        {"measure": "generate_self_transcripts_per_min", "value": round(per_min, 2), "unit": "transcripts/min",
+         "baseline": round(naive_per_min, 2), "ratio": round(per_min / naive_per_min, 2)},
+        {"measure": "generate_self_total_s", "value": round(ours, 1), "unit": "s", "rows": summary["total"],
+         "rejected": summary["rejected"]},
+    ]
+    meta = {"cpu": verdict["cpu"], "capability": verdict["capability"], "dtype": str(model.dtype).replace("torch.", "")}
+    print(f"machine: {meta}")
+    for r in rows:
+        print(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The ``self`` backend: on-policy transcripts written by the model itself.
+
+Published work finds that training on synthetic errors unlike the model's own teaches
+little, so the distraction here is what the model writes when *steered* toward the
+subject with the steering core (the same kind of text it produces when steered at
+evaluation time), cut at a sentence boundary after 1-5 sentences so the restart comes at
+different depths. The answer is the model's own unsteered answer to the prompt.
+
+Every generated text is stored in a JSONL cache as soon as its batch finishes, so a
+killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from data_gen.text import complete_part, first_sentences
+from esr_train.records import JsonlStore
+
+
+@dataclass(frozen=True)
+class SelfConfig:
+    layer: int | None = None
+    strength: float = 0.5
+    schedule: str = "all"
+    distraction_tokens: int = 96
+    answer_tokens: int = 200
+    temperature: float = 0.8
+    repetition_penalty: float = 1.1
+    batch_size: int = 16
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:20]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "subject"
+
+
+class SelfBackend:
+    """Holds the model and the caches for one generation run."""
+
+    def __init__(self, model, tokenizer, model_label: str, cfg: SelfConfig, work_dir: Path) -> None:
+        from esr_train.layers import num_layers
+        from esr_train.zoo import ZOO
+
+        self.model, self.tok, self.label, self.cfg = model, tokenizer, model_label, cfg
+        self.layer = cfg.layer if cfg.layer is not None else (
+            ZOO[model_label].default_layer if model_label in ZOO else num_layers(model) // 2)
+        self.work = Path(work_dir)
+        self.answers = JsonlStore(self.work / "answers.jsonl")
+        self.distractions = JsonlStore(self.work / "distractions.jsonl")
+
+    def answer(self, prompts: Sequence[str]) -> dict[str, str]:
+        """The model's unsteered greedy answer to each prompt, cut to complete sentences."""
+        from esr_train.generation import generate
+
+        todo = [p for p in dict.fromkeys(prompts) if _key(self.label, p, self.cfg.answer_tokens) not in self.answers]
+        bs = self.cfg.batch_size
+        for i in tqdm(range(0, len(todo), bs), desc="answers", unit="batch", disable=not todo):
+            chunk = todo[i:i + bs]
+            outs = generate(self.model, self.tok, chunk, max_new_tokens=self.cfg.answer_tokens,
+                            repetition_penalty=self.cfg.repetition_penalty, batch_size=bs)
+            for p, out in zip(chunk, outs):
+                self.answers.put(_key(self.label, p, self.cfg.answer_tokens), complete_part(out))
+        return {p: self.answers[_key(self.label, p, self.cfg.answer_tokens)] for p in prompts}
+
+    def _direction_path(self, subject: str) -> Path:
+        return self.work / "directions" / f"{_slug(subject)}-L{self.layer}.safetensors"
+
+    def directions(self, subjects: Sequence[str]) -> dict:
+        """Each subject's concept direction, built once (all missing ones in shared
+        batches) and saved beside the caches."""
+        from esr_train.concepts import concept_directions
+        from esr_train.directions import SteeringDirection
+
+        missing = [s for s in dict.fromkeys(subjects) if not self._direction_path(s).exists()]
+        if missing:
+            for s, d in zip(missing, concept_directions(self.model, self.tok, missing, self.layer,
+                                                        batch_size=self.cfg.batch_size)):
+                d.save(self._direction_path(s))
+        return {s: SteeringDirection.load(self._direction_path(s)) for s in dict.fromkeys(subjects)}
+
+    def distract(self, jobs: Sequence[dict]) -> dict[str, str]:
+        """Steered openings for jobs {"id", "prompt", "subject", "sentences", "seed"};
+        returns job id -> distraction cut to the job's number of sentences ('' if the
+        text had no complete sentence)."""
+        from esr_train.generation import generate
+        cfg = self.cfg
+        def key(job):
+            return _key(self.label, job["prompt"], job["subject"], job["seed"], self.layer, cfg.strength,
+                        cfg.schedule, cfg.distraction_tokens, cfg.temperature)
+        todo = [j for j in jobs if key(j) not in self.distractions]
+        directions = self.directions([j["subject"] for j in todo])
+        bar = tqdm(total=len(todo), desc="distractions", unit="row", disable=not todo)
+        for i in range(0, len(todo), cfg.batch_size):
+            chunk = todo[i:i + cfg.batch_size]
+            outs = generate(self.model, self.tok, [j["prompt"] for j in chunk], do_sample=True,
+                            temperature=cfg.temperature, max_new_tokens=cfg.distraction_tokens,
+                            repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size,
+                            seed=chunk[0]["seed"], row_steering=[directions[j["subject"]] for j in chunk],
+                            strength=cfg.strength, schedule=cfg.schedule)
+            for job, out in zip(chunk, outs):
+                self.distractions.put(key(job), out)
+            bar.update(len(chunk))
+        bar.close()
+        return {j["id"]: first_sentences(self.distractions[key(j)], j["sentences"]) for j in jobs}

@@ -1,0 +1,316 @@
+"""Building a transcript dataset: plan rows from a seed, run a backend, filter, dedupe,
+split by prompt, and write a ``datasets`` DatasetDict (``save_to_disk``) plus JSONL and a
+summary.
+
+Splits are by prompt: train rows come from train prompts and train subjects, test rows
+from test prompts and test subjects, so nothing in the test split is ever trained on.
+The plan (which prompt meets which subject, how many sentences of drift, which restart
+phrase) is drawn from ``seed`` alone, so the same arguments give a byte-identical dataset.
+The run is complete only once ``summary.json`` is written (last, atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from statistics import mean
+
+from data_gen.banks import format_restart, load_prompts, load_restart_phrases, load_subjects
+from data_gen.filters import FilterConfig, answer_problems, distraction_problems
+from data_gen.schema import COLUMNS, Transcript, TranscriptError
+from esr_train.cache import atomic_write_json, atomic_write_text, read_json
+
+BACKENDS = ("self", "template", "llm")
+
+
+class GenerateError(ValueError):
+    """Bad generation settings or inputs; the message is one line."""
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of ``esr generate`` (and the ``data`` section of a recipe)."""
+
+    backend: str = field(default="self", metadata={"help": "self (on-policy, default) | template | llm"})
+    model: str = field(default="smollm2-135m", metadata={"help": "model for the self backend"})
+    n: int = field(default=300, metadata={"help": "number of rows, train + test"})
+    mix: float = field(default=0.5, metadata={"help": "share of self-correction rows (the study swept 0.1-0.9)"})
+    test_size: float = field(default=0.1, metadata={"help": "share of rows in the test split (test prompts and subjects)"})
+    seed: int = field(default=0, metadata={"help": "seed of the whole plan"})
+    prompts: str | None = field(default=None, metadata={"help": "prompt file (one per line or JSONL); default: bundled"})
+    subjects: str | None = field(default=None, metadata={"help": "subject file (one per line or JSONL); default: bundled"})
+    restart_phrases: str | None = field(default=None, metadata={"help": "restart phrase file; default: bundled"})
+    template_file: str | None = field(default=None, metadata={"help": "JSONL of {prompt, answer, distraction?, subject?, restart?} for the template backend"})
+    min_sentences: int = field(default=1, metadata={"help": "shortest distraction, in sentences"})
+    max_sentences: int = field(default=5, metadata={"help": "longest distraction, in sentences"})
+    layer: int | None = field(default=None, metadata={"help": "steering layer for the self backend (default: the model's)"})
+    strength: float = field(default=0.5, metadata={"help": "steering strength for distractions, in reference-norm units"})
+    schedule: str = field(default="all", metadata={"help": "steering schedule while writing distractions"})
+    distraction_tokens: int = field(default=96, metadata={"help": "tokens generated per distraction before cutting"})
+    answer_tokens: int = field(default=200, metadata={"help": "max tokens of an answer"})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature of distractions"})
+    batch_size: int = field(default=16, metadata={"help": "generation batch size"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    base_url: str | None = field(default=None, metadata={"help": "llm backend: OpenAI-compatible base URL"})
+    llm_model: str | None = field(default=None, metadata={"help": "llm backend: model name at the endpoint"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "llm backend: env var holding the key"})
+    concurrency: int = field(default=4, metadata={"help": "llm backend: requests in flight"})
+    requests_per_minute: float | None = field(default=None, metadata={"help": "llm backend: rate limit"})
+    overgenerate: float = field(default=1.6, metadata={"help": "self backend: jobs planned per needed row (filters reject some)"})
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise GenerateError(f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if not 0.0 <= self.mix <= 1.0:
+            raise GenerateError(f"mix must be within 0..1, got {self.mix}")
+        if not 0.0 <= self.test_size < 1.0:
+            raise GenerateError(f"test_size must be within 0..1, got {self.test_size}")
+        if self.n < 1:
+            raise GenerateError(f"n must be at least 1, got {self.n}")
+        if not 1 <= self.min_sentences <= self.max_sentences:
+            raise GenerateError("need 1 <= min_sentences <= max_sentences")
+        if self.backend == "template" and not self.template_file:
+            raise GenerateError("the template backend needs template_file (a JSONL of prompt/answer/distraction rows)")
+        if self.backend == "llm" and not (self.base_url and self.llm_model):
+            raise GenerateError("the llm backend needs base_url and llm_model")
+
+    def fingerprint(self) -> dict:
+        return asdict(self)
+
+
+def config_fields() -> list:
+    return list(fields(GenerateConfig))
+
+
+def _split_counts(cfg: GenerateConfig) -> dict[str, dict[str, int]]:
+    n_test = round(cfg.n * cfg.test_size)
+    out = {}
+    for split, total in (("train", cfg.n - n_test), ("test", n_test)):
+        sc = round(total * cfg.mix)
+        out[split] = {"self_correction": sc, "normal": total - sc}
+    return out
+
+
+def _bank_split(rows: list[dict], split: str, test_size: float, key: str) -> list[dict]:
+    """Rows of one split; rows without a split field (user files) are assigned by a
+    stable hash of their text."""
+    import hashlib
+
+    out = []
+    for r in rows:
+        s = r.get("split")
+        if s is None:
+            h = int(hashlib.sha256(r[key].encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            s = "test" if h < max(test_size, 0.2) else "train"
+        if s == split:
+            out.append(r)
+    return out
+
+
+def plan_jobs(cfg: GenerateConfig, split: str, prompts: list[dict], subjects: list[dict], phrases: list[dict],
+              n_sc: int, n_normal: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Seeded self-correction jobs (over-planned for the filters) and normal jobs."""
+    if n_sc and not subjects:
+        raise GenerateError(f"no subjects in the {split} split; need at least one")
+    if (n_sc or n_normal) and not prompts:
+        raise GenerateError(f"no prompts in the {split} split; need at least one")
+    planned = max(n_sc, int(round(n_sc * (cfg.overgenerate if cfg.backend == "self" else 1.0))))
+    sc_jobs = []
+    for i in range(planned):
+        p, s, ph = rng.choice(prompts), rng.choice(subjects), rng.choice(phrases)
+        sc_jobs.append({"id": f"{split}-sc-{i}", "split": split, "prompt": p["prompt"], "subject": s["subject"],
+                        "subject_row": s, "sentences": rng.randint(cfg.min_sentences, cfg.max_sentences),
+                        "restart": format_restart(ph, s["subject"]), "seed": cfg.seed * 100003 + i})
+    order = list(prompts)
+    rng.shuffle(order)
+    normal_jobs = [{"id": f"{split}-n-{i}", "split": split, "prompt": order[i % len(order)]["prompt"],
+                    "seed": cfg.seed} for i in range(n_normal)]
+    return sc_jobs, normal_jobs
+
+
+def build_dataset(cfg: GenerateConfig, out_dir: str | Path, backend_impl=None) -> dict:
+    """Generate, filter, write. Returns the summary. ``backend_impl`` lets a caller pass
+    a ready backend (e.g. a loaded model) instead of building one here."""
+    out = Path(out_dir)
+    done = read_json(out / "summary.json")
+    if done and done.get("config") == cfg.fingerprint():
+        return done
+    t0 = time.perf_counter()
+    rng = random.Random(cfg.seed)
+    all_prompts = load_prompts(None, cfg.prompts)
+    all_subjects = load_subjects(None, cfg.subjects)
+    phrases = load_restart_phrases(cfg.restart_phrases)
+    rejected: Counter = Counter()
+    rows: dict[str, list[Transcript]] = {}
+    counts = _split_counts(cfg)
+
+    if cfg.backend == "template":
+        from data_gen.backends.template import read_template_rows
+
+        items = read_template_rows(cfg.template_file, phrases, rng, cfg)
+        for split in ("train", "test"):
+            rows[split] = [t for s, t in items if s == split]
+    else:
+        plans = {}
+        for split in ("train", "test"):
+            plans[split] = plan_jobs(cfg, split, _bank_split(all_prompts, split, cfg.test_size, "prompt"),
+                                     _bank_split(all_subjects, split, cfg.test_size, "subject"), phrases,
+                                     counts[split]["self_correction"], counts[split]["normal"], rng)
+        if cfg.backend == "self":
+            rows = _run_self(cfg, out, plans, counts, rejected, backend_impl)
+        else:
+            rows = _run_llm(cfg, plans, counts, rejected)
+
+    summary = _write(cfg, out, rows, rejected, time.perf_counter() - t0)
+    return summary
+
+
+def _run_self(cfg, out, plans, counts, rejected, backend_impl) -> dict[str, list[Transcript]]:
+    from data_gen.backends.self_backend import SelfBackend, SelfConfig
+
+    if backend_impl is None:
+        from esr_train.zoo import load_model
+
+        model, tok = load_model(cfg.model, dtype=cfg.dtype)
+        backend_impl = SelfBackend(model, tok, cfg.model, SelfConfig(
+            layer=cfg.layer, strength=cfg.strength, schedule=cfg.schedule, distraction_tokens=cfg.distraction_tokens,
+            answer_tokens=cfg.answer_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size), out / ".work")
+    fcfg = FilterConfig()
+    rows: dict[str, list[Transcript]] = {}
+    for split, (sc_jobs, normal_jobs) in plans.items():
+        prompts = sorted({j["prompt"] for j in sc_jobs + normal_jobs})
+        answers = backend_impl.answer(prompts)
+        bad_answer = dict(zip(prompts, answer_problems(prompts, [answers[p] for p in prompts], [""] * len(prompts), fcfg)))
+        kept: list[Transcript] = []
+        for job in normal_jobs:
+            if bad_answer[job["prompt"]]:
+                rejected[f"answer:{bad_answer[job['prompt']]}"] += 1
+                continue
+            kept.append(Transcript(job["prompt"], answers[job["prompt"]], "normal", backend="self",
+                                   model=cfg.model, seed=job["seed"]))
+        usable = [j for j in sc_jobs if not bad_answer[j["prompt"]]]
+        rejected["answer_for_self_correction"] += len(sc_jobs) - len(usable)
+        texts = backend_impl.distract(usable)
+        problems = distraction_problems([j["prompt"] for j in usable], [texts[j["id"]] for j in usable],
+                                        [j["subject_row"] for j in usable], fcfg)
+        n_sc = 0
+        for job, problem in zip(usable, problems):
+            if n_sc >= counts[split]["self_correction"]:
+                break
+            if not texts[job["id"]]:
+                rejected["no_complete_sentence"] += 1
+                continue
+            if problem:
+                rejected[problem] += 1
+                continue
+            kept.append(Transcript(job["prompt"], answers[job["prompt"]], "self_correction", texts[job["id"]],
+                                   job["restart"], job["subject"], "self", cfg.model, job["seed"]))
+            n_sc += 1
+        rows[split] = kept
+    return rows
+
+
+def _run_llm(cfg, plans, counts, rejected) -> dict[str, list[Transcript]]:
+    from data_gen.backends.llm import generate_llm
+    from esr_train.chat_client import ChatClient, ChatClientConfig
+
+    client = ChatClient(ChatClientConfig(base_url=cfg.base_url, model=cfg.llm_model, api_key_env=cfg.api_key_env,
+                                         concurrency=cfg.concurrency, requests_per_minute=cfg.requests_per_minute))
+    rows: dict[str, list[Transcript]] = {}
+    for split, (sc_jobs, normal_jobs) in plans.items():
+        jobs = [{"prompt": j["prompt"], "subject": j["subject"], "kind": "self_correction",
+                 "restart_hint": j["restart"], "seed": j["seed"], "id": j["id"]} for j in sc_jobs]
+        jobs += [{"prompt": j["prompt"], "subject": "", "kind": "normal", "restart_hint": "", "seed": j["seed"],
+                  "id": j["id"]} for j in normal_jobs]
+        done: dict[str, Transcript] = {}
+        failures = 0
+        for job, transcript, error in generate_llm(jobs, client, cfg.llm_model):
+            if transcript is None:
+                rejected["llm_error"] += 1
+                failures += 1
+            else:
+                done[job["id"]] = transcript
+        if jobs and failures == len(jobs):
+            raise GenerateError(f"the endpoint {cfg.base_url} failed on every request ({failures}); see the log")
+        rows[split] = [done[j["id"]] for j in jobs if j["id"] in done]
+    return rows
+
+
+def _write(cfg: GenerateConfig, out: Path, rows: dict[str, list[Transcript]], rejected: Counter, elapsed: float) -> dict:
+    from datasets import Dataset, DatasetDict, Features, Value, List
+
+    seen: set[str] = set()
+    duplicates = 0
+    splits: dict[str, list[dict]] = {}
+    for split in ("train", "test"):
+        clean = []
+        for t in rows.get(split, []):
+            try:
+                row = t.to_row()
+            except TranscriptError as exc:
+                rejected[f"invalid:{exc}"] += 1
+                continue
+            if row["id"] in seen:
+                duplicates += 1
+                continue
+            seen.add(row["id"])
+            clean.append(row)
+        splits[split] = clean
+    features = Features({
+        "id": Value("string"), "prompt": Value("string"), "distraction": Value("string"), "restart": Value("string"),
+        "answer": Value("string"), "subject": Value("string"), "kind": Value("string"), "backend": Value("string"),
+        "model": Value("string"), "seed": Value("int64"),
+        "messages": List({"role": Value("string"), "content": Value("string")}),
+    })
+    ds = DatasetDict({s: Dataset.from_list(r, features=features) if r else Dataset.from_dict({c: [] for c in COLUMNS}, features=features)
+                      for s, r in splits.items()})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # the dataset is incomplete until the summary is back
+    ds.save_to_disk(str(out))
+    for split, r in splits.items():
+        atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in r))
+    summary = summarize(cfg, splits, rejected, duplicates, elapsed)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def summarize(cfg: GenerateConfig, splits: dict[str, list[dict]], rejected: Counter, duplicates: int, elapsed: float) -> dict:
+    from data_gen.text import sentences, word_count
+
+    allrows = [r for rs in splits.values() for r in rs]
+    sc = [r for r in allrows if r["kind"] == "self_correction"]
+    return {
+        "config": cfg.fingerprint(),
+        "rows": {s: dict(Counter(r["kind"] for r in rs)) for s, rs in splits.items()},
+        "total": len(allrows),
+        "per_subject": dict(sorted(Counter(r["subject"] for r in sc).items())),
+        "rejected": dict(sorted(rejected.items())),
+        "duplicates_removed": duplicates,
+        "mean_words": {
+            "distraction": round(mean(word_count(r["distraction"]) for r in sc), 1) if sc else None,
+            "answer": round(mean(word_count(r["answer"]) for r in allrows), 1) if allrows else None,
+        },
+        "distraction_sentences": dict(sorted(Counter(len(sentences(r["distraction"])) for r in sc).items())),
+        "elapsed_s": round(elapsed, 1),
+        "transcripts_per_min": round(len(allrows) / elapsed * 60, 1) if elapsed > 0 else None,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The printed table."""
+    lines = [f"{'split':8s} {'self_correction':>16s} {'normal':>8s}"]
+    for split, c in summary["rows"].items():
+        lines.append(f"{split:8s} {c.get('self_correction', 0):>16d} {c.get('normal', 0):>8d}")
+    lines.append(f"total {summary['total']} rows in {summary['elapsed_s']}s ({summary['transcripts_per_min']} per min); "
+                 f"duplicates removed {summary['duplicates_removed']}")
+    lines.append(f"mean words: distraction {summary['mean_words']['distraction']}, answer {summary['mean_words']['answer']}")
+    if summary["rejected"]:
+        lines.append("rejected: " + ", ".join(f"{k} {v}" for k, v in summary["rejected"].items()))
+    if summary["per_subject"]:
+        top = sorted(summary["per_subject"].items(), key=lambda kv: -kv[1])[:8]
+        lines.append(f"subjects ({len(summary['per_subject'])}): " + ", ".join(f"{k} {v}" for k, v in top))
+    return "\n".join(lines)

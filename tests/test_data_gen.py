@@ -1,0 +1,141 @@
+"""data_gen: schema, text cutting, the template backend end to end, the CLI, bad input,
+and (slow tier) the on-policy self backend on the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from data_gen.builder import GenerateConfig, GenerateError, build_dataset
+from data_gen.schema import Transcript, TranscriptError
+from data_gen.text import complete_part, first_sentences, repetitive, sentences
+
+ROWS = [
+    {"prompt": "How do you boil an egg?", "answer": "Put the egg in boiling water for eight minutes, then cool it in cold water.",
+     "distraction": "Octopuses have three hearts and blue blood. They can squeeze through tiny gaps. Unfinished bit",
+     "subject": "octopuses"},
+    {"prompt": "Explain how to add two fractions.", "answer": "Find a common denominator, convert both fractions, then add the numerators."},
+    {"prompt": "How do you water a cactus?", "answer": "Soak the soil completely, then wait until it is fully dry before watering again.",
+     "distraction": "The Eiffel Tower was finished in 1889.", "subject": "the Eiffel Tower", "restart": "Wait, that's not right.",
+     "split": "test"},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_text_cutting():
+    assert sentences("One. Two is 3.5 m, e.g. here! Three? frag") == ["One.", "Two is 3.5 m, e.g. here!", "Three?"]
+    assert first_sentences("A b. C d. E f.", 2) == "A b. C d."
+    assert complete_part("Step 1. Boil water.\n2. Add tea and") == "Step 1. Boil water."
+    assert complete_part("no sentence end") == ""
+    assert repetitive("a planet of a planet of a planet of a planet of a planet of a planet")
+    assert not repetitive("Boil the water, pour it over the tea bag and wait three minutes before removing it.")
+
+
+def test_transcript_contract():
+    t = Transcript("Q?", "A.", "self_correction", "Off topic.", "Wait, no.", "ocean").validate()
+    row = t.to_row()
+    assert row["messages"][1]["content"] == "Off topic. Wait, no. A." and row["messages"][0] == {"role": "user", "content": "Q?"}
+    with pytest.raises(TranscriptError, match="sentence boundary"):
+        Transcript("Q?", "A.", "self_correction", "Off topic and cut", "Wait, no.", "ocean").validate()
+    with pytest.raises(TranscriptError, match="restart"):
+        Transcript("Q?", "A.", "self_correction", "Off topic.", "", "ocean").validate()
+    with pytest.raises(TranscriptError, match="normal row"):
+        Transcript("Q?", "A.", "normal", "Off topic.").validate()
+
+
+def test_template_backend_writes_a_loadable_dataset(tmp_path):
+    from datasets import load_dataset, load_from_disk
+
+    src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    cfg = GenerateConfig(backend="template", template_file=str(src), n=10, seed=3)
+    summary = build_dataset(cfg, tmp_path / "ds")
+    ds = load_from_disk(str(tmp_path / "ds"))
+    assert set(ds) == {"train", "test"} and len(ds["train"]) + len(ds["test"]) == 3
+    row = [r for r in ds["test"] if r["subject"] == "the Eiffel Tower"][0]
+    assert row["kind"] == "self_correction" and row["restart"] == "Wait, that's not right."
+    octo = [r for s in ds.values() for r in s if r["subject"] == "octopuses"][0]
+    assert octo["distraction"].endswith("tiny gaps.") and octo["restart"]  # cut + restart drawn from the bank
+    assert summary["total"] == 3 and summary["rows"]["test"]["self_correction"] == 1
+    assert len(load_dataset("json", data_files=str(tmp_path / "ds" / "train.jsonl"))["train"]) == len(ds["train"])
+    # same arguments -> byte-identical JSONL
+    build_dataset(cfg, tmp_path / "ds2")
+    for split in ("train", "test"):
+        assert (tmp_path / "ds" / f"{split}.jsonl").read_bytes() == (tmp_path / "ds2" / f"{split}.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"prompt": "Q?", "answer": "A."}\n{"prompt": "Q2?"\n', r"rows.jsonl:2: not valid JSON"),
+    ('{"prompt": "Q?"}\n', r"rows.jsonl:1: missing or empty 'answer'"),
+    ('{"prompt": "Q?", "answer": "A.", "distraction": "Off topic."}\n', r"rows.jsonl:1: .*needs its 'subject'"),
+    ("\n", r"rows.jsonl: has no rows"),
+])
+def test_template_bad_input_names_file_and_line(tmp_path, content, match):
+    from data_gen.banks import BankError
+
+    (tmp_path / "rows.jsonl").write_text(content, encoding="utf-8")
+    with pytest.raises(BankError, match=match):
+        build_dataset(GenerateConfig(backend="template", template_file=str(tmp_path / "rows.jsonl")), tmp_path / "out")
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_config_errors():
+    with pytest.raises(GenerateError, match="valid: self, template, llm"):
+        GenerateConfig(backend="magic")
+    with pytest.raises(GenerateError, match="mix"):
+        GenerateConfig(mix=1.5)
+    with pytest.raises(GenerateError, match="template_file"):
+        GenerateConfig(backend="template")
+
+
+def test_cli_generate_template_and_unknown_recipe_key(tmp_path):
+    src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    out = subprocess.run([sys.executable, "-m", "esr_train.cli", "generate", "--backend", "template",
+                          "--template_file", str(src), "--out", str(tmp_path / "ds")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "self_correction" in out.stdout and (tmp_path / "ds" / "dataset_dict.json").exists()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  name: smollm2-135m\ndata:\n  n: 10\n  mixx: 0.5\n", encoding="utf-8")
+    bad = subprocess.run([sys.executable, "-m", "esr_train.cli", "generate", str(recipe), "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "unknown key(s) mixx; valid:" in bad.stderr and "r.yaml: data" in bad.stderr
+
+
+@pytest.mark.slow
+def test_self_backend_on_smollm_resumes_and_is_on_policy(smollm, tmp_path):
+    """The on-policy backend on the real model: steered drift toward the subject, a restart,
+    the model's own answer; a second run with the same arguments reuses every cached text."""
+    from datasets import load_from_disk
+
+    from data_gen.backends.self_backend import SelfBackend, SelfConfig
+    from data_gen.filters import keyword_hit, subject_keywords
+    from esr_train.embeddings import cosine
+
+    model, tok = smollm
+    cfg = GenerateConfig(n=12, mix=0.5, test_size=0.25, seed=1, batch_size=8, answer_tokens=80, distraction_tokens=64)
+    backend = SelfBackend(model, tok, "smollm2-135m", SelfConfig(answer_tokens=80, distraction_tokens=64, batch_size=8),
+                          tmp_path / "ds" / ".work")
+    summary = build_dataset(cfg, tmp_path / "ds", backend_impl=backend)
+    ds = load_from_disk(str(tmp_path / "ds"))
+    rows = [r for s in ds.values() for r in s]
+    sc = [r for r in rows if r["kind"] == "self_correction"]
+    assert len(sc) >= 3, summary
+    for r in sc:
+        assert r["distraction"] and r["restart"] and r["answer"] and r["backend"] == "self"
+        assert r["messages"][1]["content"].startswith(r["distraction"])
+    drift = cosine([r["distraction"] for r in sc], [r["subject"] for r in sc])
+    task = cosine([r["distraction"] for r in sc], [r["prompt"] for r in sc])
+    assert sum(bool(keyword_hit(r["distraction"], subject_keywords(r["subject"]))) or d > t
+               for r, d, t in zip(sc, drift.tolist(), task.tolist())) == len(sc)
+    test_prompts = {r["prompt"] for r in ds["test"]}
+    assert not test_prompts & {r["prompt"] for r in ds["train"]}
+    n_cached = len(backend.distractions)
+    (tmp_path / "ds" / "summary.json").unlink()
+    again = build_dataset(cfg, tmp_path / "ds", backend_impl=backend)
+    assert len(backend.distractions) == n_cached and again["total"] == summary["total"]
