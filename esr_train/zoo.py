@@ -241,13 +241,16 @@ def load_model(
     from esr_train.dtype import default_device, resolve_dtype
 
     dev = torch.device(device) if device else default_device()
+    if dev.type == "cuda" and dev.index is None:
+        # under accelerate / torchrun each process owns the GPU of its local rank
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch_dtype = resolve_dtype(dtype, dev)
     path = resolve_model_path(name_or_path, root)
     tokenizer = load_tokenizer(name_or_path, root)
     kwargs = {"dtype": torch_dtype}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else None
+        kwargs["device_map"] = {"": dev.index} if dev.type == "cuda" else None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:

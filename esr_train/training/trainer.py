@@ -92,7 +92,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
 
     from esr_train.dtype import resolve_dtype
     from esr_train.training.tokenize import tokenize_dataset
-    from esr_train.zoo import load_model
+    from esr_train.zoo import load_model, load_tokenizer
 
     section, sft_kwargs, lora_kwargs, extras = resolve_sections(recipe, overrides or {}, where)
     out = Path(output_dir)
@@ -106,10 +106,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     cuda = torch.cuda.is_available()
     dtype = resolve_dtype(section.dtype, "cuda" if cuda else "cpu")
     ds = load_from_disk(str(data_path))
-    model, tok = load_model(section.name, dtype=str(dtype).replace("torch.", ""),
-                            quantization=quantization_config(section, dtype))
-    if section.attn_implementation:
-        model.config._attn_implementation = section.attn_implementation
+    tok = load_tokenizer(section.name)
     max_length = int(sft_kwargs.get("max_length") or 512)
     train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, system=extras.system_prompt)
     if len(train_ds) == 0:
@@ -126,10 +123,16 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     if "include_num_input_tokens_seen" in SFTConfig.__dataclass_fields__:
         sft_kwargs.setdefault("include_num_input_tokens_seen", True)
     try:
+        # built before the model loads: under ZeRO-3 this arms zero3_init_flag, so each
+        # process loads its shard instead of a full copy
         args = SFTConfig(**sft_kwargs)
         peft_config = LoraConfig(**lora_kwargs)
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"{where}: train: {str(exc).splitlines()[0]}") from None
+    model, _ = load_model(section.name, dtype=str(dtype).replace("torch.", ""),
+                          quantization=quantization_config(section, dtype))
+    if section.attn_implementation:
+        model.config._attn_implementation = section.attn_implementation
     out.mkdir(parents=True, exist_ok=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, peft_config=peft_config,
