@@ -52,6 +52,7 @@ class GenerateConfig:
     schedule: str = field(default="all", metadata={"help": "steering schedule while writing distractions"})
     distraction_tokens: int = field(default=96, metadata={"help": "tokens generated per distraction before cutting"})
     answer_tokens: int = field(default=200, metadata={"help": "max tokens of an answer"})
+    answer_repetition_penalty: float = field(default=1.1, metadata={"help": "repetition penalty of the greedy answers (a base model such as Gemma 3 270M loops below ~1.3)"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature of distractions"})
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
@@ -178,7 +179,8 @@ def _run_self(cfg, out, plans, counts, rejected, backend_impl) -> dict[str, list
         model, tok = load_model(cfg.model, dtype=cfg.dtype)
         backend_impl = SelfBackend(model, tok, cfg.model, SelfConfig(
             layer=cfg.layer, strength=cfg.strength, schedule=cfg.schedule, distraction_tokens=cfg.distraction_tokens,
-            answer_tokens=cfg.answer_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size), out / ".work")
+            answer_tokens=cfg.answer_tokens, answer_repetition_penalty=cfg.answer_repetition_penalty,
+            temperature=cfg.temperature, batch_size=cfg.batch_size), out / ".work")
     fcfg = FilterConfig()
     rows: dict[str, list[Transcript]] = {}
     for split, (sc_jobs, normal_jobs) in plans.items():

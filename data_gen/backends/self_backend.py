@@ -34,6 +34,7 @@ class SelfConfig:
     answer_tokens: int = 200
     temperature: float = 0.8
     repetition_penalty: float = 1.1
+    answer_repetition_penalty: float = 1.1
     batch_size: int = 16
 
 
@@ -63,15 +64,18 @@ class SelfBackend:
         """The model's unsteered greedy answer to each prompt, cut to complete sentences."""
         from esr_train.generation import generate
 
-        todo = [p for p in dict.fromkeys(prompts) if _key(self.label, p, self.cfg.answer_tokens) not in self.answers]
+        def key(p):
+            return _key(self.label, p, self.cfg.answer_tokens, self.cfg.answer_repetition_penalty)
+
+        todo = [p for p in dict.fromkeys(prompts) if key(p) not in self.answers]
         bs = self.cfg.batch_size
         for i in tqdm(range(0, len(todo), bs), desc="answers", unit="batch", disable=not todo):
             chunk = todo[i:i + bs]
             outs = generate(self.model, self.tok, chunk, max_new_tokens=self.cfg.answer_tokens,
-                            repetition_penalty=self.cfg.repetition_penalty, batch_size=bs)
+                            repetition_penalty=self.cfg.answer_repetition_penalty, batch_size=bs)
             for p, out in zip(chunk, outs):
-                self.answers.put(_key(self.label, p, self.cfg.answer_tokens), complete_part(out))
-        return {p: self.answers[_key(self.label, p, self.cfg.answer_tokens)] for p in prompts}
+                self.answers.put(key(p), complete_part(out))
+        return {p: self.answers[key(p)] for p in prompts}
 
     def _direction_path(self, subject: str) -> Path:
         return self.work / "directions" / f"{_slug(subject)}-L{self.layer}.safetensors"
