@@ -31,7 +31,7 @@ demo: setup
 		--prompt "How do you make a cup of tea?" --max-new-tokens 60
 
 test: setup
-	$(PY) -m pytest tests -q -rs
+	$(PY) -m pytest tests -q -rs --durations=12
 
 bench: setup
 	$(PY) -m benchmarks

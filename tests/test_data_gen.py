@@ -118,8 +118,8 @@ def test_self_backend_on_smollm_resumes_and_is_on_policy(smollm, tmp_path):
     from esr_train.embeddings import cosine
 
     model, tok = smollm
-    cfg = GenerateConfig(n=12, mix=0.5, test_size=0.25, seed=1, batch_size=8, answer_tokens=80, distraction_tokens=64)
-    backend = SelfBackend(model, tok, "smollm2-135m", SelfConfig(answer_tokens=80, distraction_tokens=64, batch_size=8),
+    cfg = GenerateConfig(n=12, mix=0.5, test_size=0.25, seed=1, batch_size=8, answer_tokens=64, distraction_tokens=48)
+    backend = SelfBackend(model, tok, "smollm2-135m", SelfConfig(answer_tokens=64, distraction_tokens=48, batch_size=8),
                           tmp_path / "ds" / ".work")
     summary = build_dataset(cfg, tmp_path / "ds", backend_impl=backend)
     ds = load_from_disk(str(tmp_path / "ds"))
