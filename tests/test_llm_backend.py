@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
+
+from tests.local_server import serve
 
 from data_gen.backends.llm import (
     LLM_SYSTEM_PROMPT,
@@ -74,20 +76,10 @@ def _handler(state: Canned) -> type[BaseHTTPRequestHandler]:
 
 @pytest.fixture
 def canned(monkeypatch: pytest.MonkeyPatch) -> Iterator[Canned]:
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
     state = Canned()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    try:
+    with serve(_handler(state), monkeypatch) as base:
+        state.url = f"{base}/v1"
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 def job(prompt: str, kind: str = "self_correction", seed: int = 1) -> dict[str, Any]:
