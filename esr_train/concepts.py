@@ -141,23 +141,46 @@ def concept_direction(
 
     Without ``concept_texts`` the model writes them itself (greedy answers to a few
     requests about the concept)."""
+    texts = None if concept_texts is None else {concept: list(concept_texts)}
+    return concept_directions(model, tokenizer, [concept], layer, texts, max_new_tokens, labels=[label or concept])[0]
+
+
+def concept_directions(
+    model,
+    tokenizer,
+    concepts: Sequence[str],
+    layer: int,
+    concept_texts: dict[str, Sequence[str]] | None = None,
+    max_new_tokens: int = 80,
+    labels: Sequence[str] | None = None,
+    batch_size: int = 16,
+) -> list[SteeringDirection]:
+    """Directions for many concepts at once: the self-written concept texts of all
+    concepts are generated in shared batches (one concept at a time would run batches of
+    three)."""
     layer = resolve_layer(model, layer)
-    prompts = [p.format(concept=concept) for p in CONCEPT_PROMPTS]
-    if concept_texts is None:
-        concept_texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, repetition_penalty=1.1)
-        source_texts = "self"
-    else:
-        concept_texts = list(concept_texts)
-        prompts = [prompts[i % len(prompts)] for i in range(len(concept_texts))]
-        source_texts = "given"
-    toward = answer_residual_mean(model, tokenizer, prompts, concept_texts, layer)
+    given = concept_texts or {}
+    asks = [(c, p.format(concept=c)) for c in concepts if c not in given for p in CONCEPT_PROMPTS]
+    written = generate(model, tokenizer, [a for _, a in asks], max_new_tokens=max_new_tokens,
+                       repetition_penalty=1.1, batch_size=batch_size) if asks else []
+    per_concept: dict[str, tuple[list[str], list[str], str]] = {}
+    for (c, ask), text in zip(asks, written):
+        per_concept.setdefault(c, ([], [], "self"))
+        per_concept[c][0].append(ask)
+        per_concept[c][1].append(text)
+    for c, texts in given.items():
+        texts = list(texts)
+        prompts = [CONCEPT_PROMPTS[i % len(CONCEPT_PROMPTS)].format(concept=c) for i in range(len(texts))]
+        per_concept[c] = (prompts, texts, "given")
     away = neutral_mean(model, tokenizer, layer, max_new_tokens)
-    return SteeringDirection(
-        vector=toward - away,
-        layer=layer,
-        label=label or concept,
-        source="concept",
-        model_id=model_name(model),
-        reference_norm=reference_norm(model, tokenizer, layer),
-        metadata={"concept": concept, "texts": source_texts, "n_texts": len(concept_texts)},
-    )
+    norm = reference_norm(model, tokenizer, layer)
+    out = []
+    for i, c in enumerate(concepts):
+        prompts, texts, source = per_concept[c]
+        toward = answer_residual_mean(model, tokenizer, prompts, texts, layer)
+        out.append(SteeringDirection(
+            vector=toward - away, layer=layer, label=(labels[i] if labels else c), source="concept",
+            model_id=model_name(model), reference_norm=norm,
+            metadata={"concept": c, "texts": source, "n_texts": len(texts)},
+        ))
+    return out
