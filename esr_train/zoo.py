@@ -178,9 +178,8 @@ def prepare_model(name: str, root: str | os.PathLike | None = None, force: bool 
 
 
 def _hub_offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
-        return True
-    return False
+    """Read at call time (huggingface_hub reads HF_HUB_OFFLINE only once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
 
 
 def resolve_model_path(name_or_path: str, root: str | os.PathLike | None = None) -> str:
@@ -204,7 +203,7 @@ def load_tokenizer(name_or_path: str, root: str | os.PathLike | None = None):
 
     path = resolve_model_path(name_or_path, root)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=_hub_offline())
     except OSError as exc:
         raise _hub_error(name_or_path, exc) from None
     tok.padding_side = "left"  # generation pads on the left; training code sets its own
@@ -247,7 +246,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     path = resolve_model_path(name_or_path, root)
     tokenizer = load_tokenizer(name_or_path, root)
-    kwargs = {"dtype": torch_dtype}
+    kwargs = {"dtype": torch_dtype, "local_files_only": _hub_offline()}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": dev.index} if dev.type == "cuda" else None
