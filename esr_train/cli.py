@@ -176,6 +176,29 @@ def _train(args) -> int:
     return 0
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="train one adapter per self-correction share (the study's 10%%-90%% sweep)")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--dataset", required=True, help="dataset directory written by esr generate")
+    p.add_argument("--output_dir", "--out", dest="output_dir", required=True, help="sweep directory")
+    p.add_argument("--mixes", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated self-correction shares")
+    p.set_defaults(func=_sweep, accepts_overrides=True)
+
+
+def _sweep(args) -> int:
+    from esr_train.config import RecipeError, load_recipe
+    from esr_train.training.sweep import sweep
+
+    try:
+        mixes = [float(m) for m in args.mixes.split(",") if m.strip()]
+    except ValueError:
+        raise RecipeError(f"--mixes must be numbers separated by commas, got {args.mixes!r}") from None
+    result = sweep(load_recipe(args.recipe), args.dataset, args.output_dir, mixes, overrides=args.overrides,
+                   where=str(args.recipe))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="merge an adapter into full-precision base weights")
     p.add_argument("adapter", help="adapter directory written by esr train")
@@ -200,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_steer(sub)
     _add_generate(sub)
     _add_train(sub)
+    _add_sweep(sub)
     _add_merge(sub)
     return parser
 
@@ -220,13 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     from esr_train.layers import LayerError
     from esr_train.zoo import ModelLoadError
 
+    from esr_train.training.sweep import SweepError
     from esr_train.training.trainer import TrainError
 
     try:
         if getattr(args, "accepts_overrides", False):
             args.overrides = parse_overrides(extra)
         return int(args.func(args) or 0)
-    except (ModelLoadError, DirectionError, LayerError, RecipeError, BankError, GenerateError, TrainError) as exc:
+    except (ModelLoadError, DirectionError, LayerError, RecipeError, BankError, GenerateError, TrainError,
+            SweepError) as exc:
         print(f"esr {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

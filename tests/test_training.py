@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -121,3 +122,25 @@ def test_resume_continues_without_repeating_steps(dataset, trained, tmp_path):
              if "loss" in json.loads(l) and "eval_loss" not in json.loads(l)]
     assert summary["resumed_from"] == "checkpoint-3" and summary["steps"] == 6
     assert steps == [4, 5, 6]
+
+
+def test_sweep_draws_equal_sized_mixes(dataset, tmp_path):
+    """Each mix gets the same number of rows with the asked share of self-corrections;
+    one adapter per mix is trained and listed."""
+    from datasets import load_from_disk
+
+    from esr_train.training.sweep import SweepError, common_size, mix_indices, sweep
+
+    assert common_size(10, 10, [0.1, 0.5, 0.9]) == 11
+    kinds = ["self_correction"] * 6 + ["normal"] * 6
+    picked = mix_indices(kinds, 0.25, 8, seed=0)
+    assert len(picked) == 8 and sum(kinds[i] == "self_correction" for i in picked) == 2
+    assert picked == mix_indices(kinds, 0.25, 8, seed=0)
+    with pytest.raises(SweepError):
+        common_size(0, 5, [0.5])
+    result = sweep(RECIPE, dataset, tmp_path / "sweep", [0.0, 0.5], overrides={"max_steps": 1, "save_steps": 10})
+    assert result["rows_per_mix"] == 2 and set(result["adapters"]) == {"0", "0.5"}
+    for m, share in (("0", 0), ("0.5", 1)):
+        sub = load_from_disk(str(tmp_path / "sweep" / f"mix-{m}" / "data"))
+        assert len(sub["train"]) == 2 and sub["train"]["kind"].count("self_correction") == share
+        assert (Path(result["adapters"][m]) / "adapter_config.json").exists()

@@ -57,7 +57,6 @@ SFT_DEFAULTS: dict[str, Any] = {
     "save_steps": 50,
     "save_total_limit": 2,
     "seed": 0,
-    "report_to": "none",
     "activation_checkpointing_kwargs": {"use_reentrant": False},
 }
 LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",

@@ -14,6 +14,7 @@ fingerprint, dtype).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -119,6 +120,8 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     sft_kwargs.setdefault("bf16", dtype == torch.bfloat16)
     sft_kwargs.setdefault("fp16", dtype == torch.float16)
     sft_kwargs.setdefault("use_cpu", not cuda)
+    # JSONL is always written (train_log.jsonl); tensorboard too where it is installed
+    sft_kwargs.setdefault("report_to", ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none")
     sft_kwargs["output_dir"] = str(out)
     if "include_num_input_tokens_seen" in SFTConfig.__dataclass_fields__:
         sft_kwargs.setdefault("include_num_input_tokens_seen", True)
