@@ -272,7 +272,8 @@ def _write(cfg: GenerateConfig, out: Path, rows: dict[str, list[Transcript]], re
                       for s, r in splits.items()})
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # the dataset is incomplete until the summary is back
-    ds.save_to_disk(str(out))
+    # one shard per split, even an empty one: an empty split saved with no shard cannot be loaded back
+    ds.save_to_disk(str(out), num_shards={k: 1 for k in ds})
     for split, r in splits.items():
         atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in r))
     summary = summarize(cfg, splits, rejected, duplicates, elapsed)

@@ -70,6 +70,15 @@ def test_template_backend_writes_a_loadable_dataset(tmp_path):
         assert (tmp_path / "ds" / f"{split}.jsonl").read_bytes() == (tmp_path / "ds2" / f"{split}.jsonl").read_bytes()
 
 
+def test_empty_split_still_loads(tmp_path):
+    from datasets import load_from_disk
+
+    src = write_jsonl(tmp_path / "rows.jsonl", [dict(r, split="train") for r in ROWS])
+    build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
+    ds = load_from_disk(str(tmp_path / "ds"))
+    assert len(ds["train"]) == 3 and len(ds["test"]) == 0
+
+
 @pytest.mark.parametrize("content,match", [
     ('{"prompt": "Q?", "answer": "A."}\n{"prompt": "Q2?"\n', r"rows.jsonl:2: not valid JSON"),
     ('{"prompt": "Q?"}\n', r"rows.jsonl:1: missing or empty 'answer'"),
