@@ -34,7 +34,8 @@ test: setup
 	$(PY) -m pytest tests -q -rs --durations=12
 
 bench: setup
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks.train_bench
+	$(PY) -m benchmarks.generate_bench --n 48
 
 clean-venv:
 	rm -rf $(VENV)
