@@ -11,11 +11,12 @@ costs minutes, not an hour.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.report import emit, machine_meta
 
 
 def naive_seconds_per_transcript(model, tok, cfg, samples: int = 4) -> float:
@@ -48,7 +49,6 @@ def main(argv=None) -> list[dict]:
 
     from data_gen.backends.self_backend import SelfBackend, SelfConfig
     from data_gen.builder import GenerateConfig, build_dataset
-    from esr_train.dtype import cpu_dtype_verdict
     from esr_train.zoo import load_model
 
     cfg = GenerateConfig(n=args.n, mix=0.5, test_size=0.1, layer=15, seed=0)
@@ -66,20 +66,13 @@ def main(argv=None) -> list[dict]:
     naive = naive_seconds_per_transcript(model, tok, cfg)
     per_min = summary["total"] / ours * 60
     naive_per_min = 60 / naive
-    verdict = cpu_dtype_verdict()
     rows = [
         {"measure": "generate_self_transcripts_per_min", "value": round(per_min, 2), "unit": "transcripts/min",
          "baseline": round(naive_per_min, 2), "ratio": round(per_min / naive_per_min, 2)},
         {"measure": "generate_self_total_s", "value": round(ours, 1), "unit": "s", "rows": summary["total"],
          "rejected": summary["rejected"]},
     ]
-    meta = {"cpu": verdict["cpu"], "capability": verdict["capability"], "dtype": str(model.dtype).replace("torch.", "")}
-    print(f"machine: {meta}")
-    for r in rows:
-        print(r)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    return rows
+    return emit(machine_meta(str(model.dtype).replace("torch.", "")), rows, args.json)
 
 
 if __name__ == "__main__":

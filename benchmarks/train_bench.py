@@ -16,6 +16,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from benchmarks.report import emit, machine_meta
+
 GFLOP_PER_TOKEN_GENERATE = 0.27
 LORA_FACTOR = 2.0
 
@@ -49,7 +51,7 @@ def main(argv=None) -> list[dict]:
     import torch
 
     from esr_train.config import load_recipe
-    from esr_train.dtype import cpu_dtype_verdict, cpu_has_native_bf16, matmul_gflops, resolve_dtype
+    from esr_train.dtype import cpu_has_native_bf16, matmul_gflops, resolve_dtype
     from esr_train.training.trainer import train
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m.yaml")
@@ -69,13 +71,7 @@ def main(argv=None) -> list[dict]:
                          "value": value, "unit": "tok/s", "dtype": dtype, "ceiling": round(ceiling, 1),
                          "share_of_ceiling": round(value / ceiling, 3), "matmul_gflops": round(gflops, 1),
                          "steps": summary["steps"], "tokens": summary["tokens"]})
-    meta = {k: cpu_dtype_verdict()[k] for k in ("cpu", "capability", "native_bf16", "dtype")}
-    print(f"machine: {meta}")
-    for r in rows:
-        print(r)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    return rows
+    return emit(machine_meta(), rows, args.json)
 
 
 if __name__ == "__main__":

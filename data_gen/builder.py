@@ -21,7 +21,7 @@ from statistics import mean
 
 from data_gen.banks import format_restart, load_prompts, load_restart_phrases, load_subjects
 from data_gen.filters import FilterConfig, answer_problems, distraction_problems
-from data_gen.schema import COLUMNS, Transcript, TranscriptError
+from data_gen.schema import COLUMNS, Transcript, TranscriptError, stable_fraction
 from esr_train.cache import atomic_write_json, atomic_write_text, read_json
 
 BACKENDS = ("self", "template", "llm")
@@ -99,14 +99,11 @@ def _split_counts(cfg: GenerateConfig) -> dict[str, dict[str, int]]:
 def _bank_split(rows: list[dict], split: str, test_size: float, key: str) -> list[dict]:
     """Rows of one split; rows without a split field (user files) are assigned by a
     stable hash of their text."""
-    import hashlib
-
     out = []
     for r in rows:
         s = r.get("split")
         if s is None:
-            h = int(hashlib.sha256(r[key].encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            s = "test" if h < max(test_size, 0.2) else "train"
+            s = "test" if stable_fraction(r[key]) < max(test_size, 0.2) else "train"
         if s == split:
             out.append(r)
     return out

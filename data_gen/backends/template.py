@@ -13,15 +13,13 @@ import random
 from pathlib import Path
 
 from data_gen.banks import BankError, format_restart
-from data_gen.schema import Transcript, TranscriptError
+from data_gen.schema import Transcript, TranscriptError, stable_fraction
 from data_gen.text import complete_part
 
 REQUIRED = ("prompt", "answer")
 
 
 def read_template_rows(path: str | Path, phrases: list[dict], rng: random.Random, cfg) -> list[tuple[str, Transcript]]:
-    import hashlib
-
     path = Path(path)
     if not path.exists():
         raise BankError(f"{path}: no such template file")
@@ -54,8 +52,7 @@ def read_template_rows(path: str | Path, phrases: list[dict], rng: random.Random
             raise BankError(f"{path}:{lineno}: {exc}") from None
         split = obj.get("split")
         if split is None:
-            h = int(hashlib.sha256(t.prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            split = "test" if h < cfg.test_size else "train"
+            split = "test" if stable_fraction(t.prompt) < cfg.test_size else "train"
         if split not in ("train", "test"):
             raise BankError(f"{path}:{lineno}: split must be 'train' or 'test', got {split!r}")
         out.append((split, t))

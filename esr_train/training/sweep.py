@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from esr_train.cache import atomic_write_json
+from esr_train.cache import atomic_write_json, read_json
 
 
 class SweepError(ValueError):
@@ -70,8 +70,6 @@ def sweep(recipe: dict, dataset_dir: str | Path, output_dir: str | Path, mixes: 
         summary_path = run / "adapter" / "esr_train_summary.json"
         resume = (run / "adapter").exists() and not summary_path.exists()
         if summary_path.exists():
-            from esr_train.cache import read_json
-
             runs[f"{m:g}"] = read_json(summary_path)
             continue
         runs[f"{m:g}"] = train(recipe, run / "adapter", overrides=overrides, dataset_dir=data_dir, resume=resume,
