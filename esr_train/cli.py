@@ -214,6 +214,107 @@ def _merge(args) -> int:
     return 0
 
 
+def _add_eval(sub) -> None:
+    from esr_train.config import add_dataclass_arguments
+    from eval.config import EvalConfig
+
+    p = sub.add_parser("eval", help="steer base / meta-prompted / fine-tuned models and measure restarts (ESR)",
+                       description="Reads the recipe's eval section; every key can be given as a flag. "
+                                   "With --adapter the run covers base, base + meta-prompt and the adapter.")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (its model and eval sections are read)")
+    p.add_argument("--out", "--output_dir", dest="out", required=True, help="run directory (resumes if it exists)")
+    p.add_argument("--adapter", action="append", default=None, help="adapter directory (repeat to compare several)")
+    p.add_argument("--no-report", action="store_true", help="skip report.md / report.html")
+    add_dataclass_arguments(p, EvalConfig, skip=("adapters",))
+    p.set_defaults(func=_eval)
+
+
+def eval_config(recipe_path: str | None, args, adapters: list[str] | None = None):
+    """EvalConfig from the recipe's eval section (model name and dtype from its model
+    section), overridden by flags."""
+    from esr_train.config import build, load_recipe, section_with_overrides
+    from eval.config import EvalConfig
+
+    recipe = load_recipe(recipe_path) if recipe_path else None
+    model = (recipe or {}).get("model", {})
+    extra = {"model": model.get("name"), "dtype": model.get("dtype"), "adapters": adapters}
+    values = section_with_overrides(recipe, "eval", args, EvalConfig, extra=extra)
+    return build(EvalConfig, values, f"{recipe_path}: eval" if recipe_path else "esr eval")
+
+
+def _eval(args) -> int:
+    from eval.harness import run_eval
+    from eval.report import format_table, write_report
+
+    cfg = eval_config(args.recipe, args, args.adapter)
+    summary = run_eval(cfg, args.out)
+    print(format_table(summary))
+    print(f"trials: {args.out}/trials.jsonl  summary: {args.out}/summary.json")
+    if not args.no_report:
+        print(f"report: {write_report([args.out])['html']}")
+    return 0
+
+
+def _add_judge(sub) -> None:
+    p = sub.add_parser("judge", help="judge rows {prompt, response, concept} of a JSONL file into scored attempts")
+    p.add_argument("file", help="input JSONL")
+    p.add_argument("--out", required=True, help="output JSONL (resumes if it exists)")
+    p.add_argument("--judge", choices=["offline", "llm"], default="offline")
+    p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint for --judge llm")
+    p.add_argument("--judge-model", help="model name for --judge llm")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.set_defaults(func=_judge)
+
+
+def _judge(args) -> int:
+    from eval.config import EvalConfig
+    from eval.harness import make_judge
+    from eval.judge_files import judge_file
+
+    judge = make_judge(EvalConfig(judge=args.judge, judge_base_url=args.judge_base_url, judge_model=args.judge_model,
+                                  judge_api_key_env=args.judge_api_key_env, judge_concurrency=args.concurrency))
+    counts = judge_file(args.file, args.out, judge)
+    print(json.dumps({"judge": judge.name, **counts}, indent=2))
+    return 0
+
+
+def _add_judge_agreement(sub) -> None:
+    p = sub.add_parser("judge-agreement", help="compare two judges' outputs of the same rows (esr judge files)")
+    p.add_argument("a", help="judged JSONL of judge A")
+    p.add_argument("b", help="judged JSONL of judge B")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_judge_agreement)
+
+
+def _judge_agreement(args) -> int:
+    from eval.judge_files import format_agreement, judge_agreement
+
+    def rows(path):
+        with open(path, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    result = judge_agreement(rows(args.a), rows(args.b))
+    print(json.dumps(result, indent=2) if args.json else format_agreement(result))
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write report.md / report.html with plots for one or more eval runs")
+    p.add_argument("runs", nargs="+", help="eval run directories (several give a side-by-side table)")
+    p.add_argument("--out", help="report directory (default: the run, or RUNS_PARENT/report for several)")
+    p.add_argument("--examples", type=int, default=6, help="example transcripts to show")
+    p.set_defaults(func=_report)
+
+
+def _report(args) -> int:
+    from eval.report import write_report
+
+    paths = write_report(args.runs, args.out, n_examples=args.examples)
+    print(f"report: {paths['html']}\nmarkdown: {paths['markdown']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esr", description="Induce, measure and compare endogenous steering resistance.")
     parser.add_argument("--version", action="version", version=f"esr-train {__version__}")
@@ -225,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sweep(sub)
     _add_merge(sub)
+    _add_eval(sub)
+    _add_judge(sub)
+    _add_judge_agreement(sub)
+    _add_report(sub)
     return parser
 
 
@@ -246,13 +351,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from esr_train.training.sweep import SweepError
     from esr_train.training.trainer import TrainError
+    from eval.config import EvalConfigError
+    from eval.judge_files import JudgeFileError
 
     try:
         if getattr(args, "accepts_overrides", False):
             args.overrides = parse_overrides(extra)
         return int(args.func(args) or 0)
     except (ModelLoadError, DirectionError, LayerError, RecipeError, BankError, GenerateError, TrainError,
-            SweepError) as exc:
+            SweepError, EvalConfigError, JudgeFileError) as exc:
         print(f"esr {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

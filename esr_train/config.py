@@ -22,9 +22,28 @@ class RecipeError(ValueError):
 
 
 def _caster(type_str: str):
+    """argparse type for a dataclass field: scalars cast, ``list[X]`` from comma-separated
+    text, ``dict[...]`` from JSON."""
     t = str(type_str).replace(" ", "")
     base = t.split("|")[0] if "|" in t else t
+    if base.startswith("list["):
+        inner = _caster(base[5:-1])
+        return lambda text: [inner(x.strip()) for x in str(text).split(",") if x.strip()]
+    if base.startswith("dict["):
+        return _json_mapping
     return {"int": int, "float": float, "str": str, "bool": _bool}.get(base, str)
+
+
+def _json_mapping(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _bool(text: str) -> bool:

@@ -58,3 +58,55 @@ class JsonlStore:
             fh.flush()
             os.fsync(fh.fileno())
         self._data[key] = value
+
+
+class RecordFile:
+    """A JSONL file of plain records (one object per line, each with a unique ``key_field``)
+    that grows as work finishes: readable by any JSONL tool while a run is going, and
+    resumable. A torn last line (a killed run) is dropped; a bad line anywhere else is an
+    error naming the file and line, because silently skipping it would lose a record."""
+
+    def __init__(self, path: str | os.PathLike, key_field: str = "key") -> None:
+        self.path = Path(path)
+        self.key_field = key_field
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._records: dict[str, dict] = {}
+        if not self.path.exists():
+            return
+        raw = self.path.read_bytes()
+        lines = raw.splitlines(keepends=True)
+        good_bytes = 0
+        for lineno, line in enumerate(lines, start=1):
+            try:
+                rec = json.loads(line)
+                key = rec[key_field]
+            except (ValueError, KeyError, TypeError):
+                if lineno == len(lines) and not line.endswith(b"\n"):
+                    break  # torn by a kill: the record is redone
+                raise ValueError(f"{self.path}:{lineno}: not a JSON record with a {key_field!r} field") from None
+            self._records[str(key)] = rec
+            good_bytes += len(line)
+        if good_bytes < len(raw):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_bytes)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def records(self) -> list[dict]:
+        return list(self._records.values())
+
+    def extend(self, records: list[dict]) -> None:
+        """Append records (flushed and synced together) and remember them."""
+        if not records:
+            return
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for r in records:
+            self._records[str(r[self.key_field])] = r

@@ -1,0 +1,293 @@
+"""``esr eval``: steered and unsteered trials for every condition, judged, streamed to
+``trials.jsonl``, summarised in ``summary.json``.
+
+One model is loaded; adapters are attached with PEFT and switched per condition, and the
+base conditions run with the adapters disabled, so every condition sees the same
+prompts, directions, strengths and seeds. Trials are generated in chunks and appended as
+soon as they are judged: a killed run loses at most one chunk and resumes where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm.auto import tqdm
+
+from eval.config import Condition, EvalConfig, EvalConfigError, parse_condition
+from eval.judging import JudgeItem
+
+log = logging.getLogger(__name__)
+
+# Settings that change what a trial is: a run directory holding trials made with other
+# values cannot be resumed with these (the mix would be meaningless).
+_TRIAL_FIELDS = ("model", "adapters", "metaprompt_templates", "prompts", "directions", "concepts", "sae", "sae_id",
+                 "latents", "vectors", "layer", "schedule", "strength", "strengths", "sweep_factors", "target_score",
+                 "calibration", "max_new_tokens", "temperature", "repetition_penalty", "seed", "judge", "judge_model")
+
+
+@dataclasses.dataclass(frozen=True)
+class Triple:
+    prompt_id: int
+    direction_id: int
+    seed: int
+
+
+def plan_triples(n_prompts: int, n_directions: int, n: int, seed: int) -> list[Triple]:
+    """``n`` (prompt, direction, seed) triples: the prompt x direction grid in a seeded
+    order, repeated with the next sample seed when ``n`` exceeds the grid."""
+    grid = [(p, d) for p in range(n_prompts) for d in range(n_directions)]
+    random.Random(seed).shuffle(grid)
+    return [Triple(*grid[i % len(grid)], seed + i // len(grid)) for i in range(n)]
+
+
+def default_layer(model_name: str, model) -> int:
+    from esr_train.layers import decoder_layers
+    from esr_train.zoo import ZOO
+
+    return ZOO[model_name].default_layer if model_name in ZOO else len(decoder_layers(model)) // 2
+
+
+def make_judge(cfg: EvalConfig):
+    if cfg.judge == "llm":
+        from eval.llm_judge import make_llm_judge
+
+        return make_llm_judge(cfg.judge_base_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
+                              concurrency=cfg.judge_concurrency)
+    from eval.offline_judge import OfflineJudge
+
+    return OfflineJudge()
+
+
+def _attach_adapters(model, adapters: dict[str, str]):
+    """Wrap ``model`` with every adapter (PEFT names = condition names)."""
+    from peft import PeftModel
+
+    for i, (name, path) in enumerate(adapters.items()):
+        if not (Path(path) / "adapter_config.json").exists():
+            raise EvalConfigError(f"eval.adapters: {path} holds no adapter_config.json (train one with esr train)")
+        if i == 0:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        else:
+            model.load_adapter(path, adapter_name=name)
+    model.eval()
+    return model
+
+
+@contextmanager
+def as_condition(model, adapter: str | None) -> Iterator[None]:
+    """Run the block with ``adapter`` active, or with the base weights when None."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        if adapter is not None:
+            raise EvalConfigError(f"condition needs adapter {adapter!r} but none is loaded")
+        yield
+    elif adapter is None:
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter(adapter)
+        yield
+
+
+class EvalRun:
+    """State of one evaluation: model, prompts, directions, judge and the trial file."""
+
+    def __init__(self, cfg: EvalConfig, out_dir: str | Path, model_and_tokenizer=None, progress: bool = True) -> None:
+        from esr_train.cache import atomic_write_json, read_json
+        from esr_train.records import RecordFile
+        from esr_train.zoo import load_model
+
+        self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        settings = dataclasses.asdict(cfg)
+        previous = read_json(self.out / "eval_config.json")
+        if previous:
+            changed = [k for k in _TRIAL_FIELDS if previous.get(k) != settings.get(k)]
+            if changed:
+                raise EvalConfigError(f"{self.out}: holds a run made with other settings ({', '.join(changed)}); "
+                                      f"use a new --out or delete it")
+        atomic_write_json(self.out / "eval_config.json", settings)
+        self.adapters = cfg.adapter_names()
+        self.conditions = [parse_condition(c, self.adapters, cfg.all_metaprompts()) for c in cfg.resolved_conditions()]
+        base, self.tok = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype)
+        self.model = _attach_adapters(base, self.adapters) if self.adapters else base
+        self.trials = RecordFile(self.out / "trials.jsonl")
+
+    # -- generation and judging -------------------------------------------------
+    def generate(self, condition: Condition, rows: list[dict], seed: int) -> list[str]:
+        """Responses for rows {"prompt", "label", "direction" (or None), "strength"}."""
+        from esr_train.generation import generate
+
+        cfg = self.cfg
+        with as_condition(self.model, condition.adapter):
+            return generate(self.model, self.tok, [condition.wrap(r["prompt"], r["label"]) for r in rows],
+                            max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
+                            repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size, seed=seed,
+                            row_steering=[r["direction"] for r in rows], strength=[r["strength"] for r in rows],
+                            schedule=cfg.schedule)
+
+    def judge(self, rows: list[dict], responses: list[str]) -> list:
+        items = [JudgeItem(r["prompt"], text, r["label"], self.references.get(r["prompt"]))
+                 for r, text in zip(rows, responses)]
+        return self.judge_.judge(items)
+
+    # -- stages -------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Prompts, directions and reference answers (base weights), then the judge."""
+        from esr_train.generation import generate
+        from esr_train.records import JsonlStore
+        from eval.sources import eval_directions, eval_prompts
+
+        cfg = self.cfg
+        self.prompts = eval_prompts(cfg)
+        with as_condition(self.model, None):
+            if cfg.directions == "sae":
+                from esr_train.sae import load_sae, sae_layer
+
+                self.layer = sae_layer(load_sae(cfg.sae, cfg.sae_id))
+            else:
+                self.layer = cfg.layer if cfg.layer is not None else default_layer(cfg.model, self.model)
+            self.directions = eval_directions(cfg, self.model, self.tok, self.layer, self.prompts,
+                                              self.out / "directions")
+            store = JsonlStore(self.out / "references.jsonl")
+            missing = [p for p in self.prompts if p not in store]
+            if missing:
+                for p, a in zip(missing, generate(self.model, self.tok, missing, max_new_tokens=cfg.max_new_tokens,
+                                                  repetition_penalty=cfg.repetition_penalty,
+                                                  batch_size=cfg.batch_size, progress=self.progress)):
+                    store.put(p, a)
+            self.references = {p: store[p] for p in self.prompts}
+        judge = make_judge(cfg)
+        if hasattr(judge, "calibrated"):
+            judge = judge.calibrated(self.prompts, [self.references[p] for p in self.prompts],
+                                     [d.label for d in self.directions])
+        self.judge_ = judge
+
+    def calibrate(self) -> dict[str, dict]:
+        """Per-direction strengths (see :mod:`eval.calibration`), or the fixed one given."""
+        from eval.calibration import calibrate
+
+        cfg = self.cfg
+        if cfg.strength is not None or cfg.strengths:
+            fixed = cfg.strength if cfg.strength is not None else None
+            return {d.label: {"strength": fixed, "target": None, "probes": []} for d in self.directions}
+        base = Condition("base", None, None)
+        prompts = self.prompts[: cfg.calibration_prompts]
+
+        def probe(rows):
+            batch = [{"prompt": p, "label": d.label, "direction": d, "strength": s} for d, s, p in rows]
+            results = self.judge(batch, self.generate(base, batch, cfg.seed))
+            return [r.attempts[0]["score"] if r.attempts and r.error is None else None for r in results]
+
+        settings = {"model": cfg.model, "layer": self.layer, "judge": self.judge_.name, "schedule": cfg.schedule,
+                    "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                    "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed, "dtype": str(self.model.dtype)}
+        return calibrate(self.directions, prompts, probe, target=cfg.target_score, rounds=cfg.calibration_probes,
+                         start=cfg.strength_init, hi=cfg.strength_max, shared=cfg.calibration == "shared",
+                         settings=settings)
+
+    def plan(self, calibration: dict[str, dict]) -> list[dict]:
+        """Every trial of the run, as records without a response yet."""
+        cfg = self.cfg
+        triples = plan_triples(len(self.prompts), len(self.directions), cfg.trials, cfg.seed)
+        n_unsteered = cfg.unsteered_trials if cfg.unsteered_trials is not None else max(1, cfg.trials // 2)
+        if cfg.strengths:
+            levels = [(float(s), {d.label: float(s) for d in self.directions}) for s in cfg.strengths]
+        else:
+            factors = cfg.sweep_factors or [1.0]
+            levels = [(float(f), {d.label: f * calibration[d.label]["strength"] for d in self.directions})
+                      for f in factors]
+        plan: list[dict] = []
+        for cond in self.conditions:
+            for level, strengths in levels:
+                plan += [self._record(cond, t, True, level, strengths) for t in triples]
+            plan += [self._record(cond, t, False, None, None) for t in triples[:n_unsteered]]
+        return plan
+
+    def _record(self, cond: Condition, t: Triple, steered: bool, level, strengths) -> dict[str, Any]:
+        d = self.directions[t.direction_id]
+        strength = round(strengths[d.label], 6) if steered else 0.0
+        key = f"{cond.name}|{'steered' if steered else 'unsteered'}|p{t.prompt_id}|{d.label}|{strength}|{t.seed}"
+        return {"key": key, "condition": cond.name, "steered": steered, "prompt_id": f"p{t.prompt_id}",
+                "prompt": self.prompts[t.prompt_id], "direction": d.label, "strength": strength, "level": level,
+                "layer": d.layer, "seed": t.seed, "schedule": self.cfg.schedule if steered else None}
+
+    def run_trials(self, plan: list[dict]) -> None:
+        """Generate and judge every planned trial not yet in ``trials.jsonl``."""
+        cfg = self.cfg
+        by_label = {d.label: d for d in self.directions}
+        by_name = {c.name: c for c in self.conditions}
+        todo = [r for r in plan if r["key"] not in self.trials]
+        bar = tqdm(total=len(todo), desc="trials", unit="trial", disable=not self.progress or not todo)
+        chunk_size = cfg.batch_size * 4
+        groups: dict[str | None, list[dict]] = {}  # one model state per group: conditions share batches
+        for r in todo:
+            groups.setdefault(by_name[r["condition"]].adapter, []).append(r)
+        for adapter, rows in groups.items():
+            for start in range(0, len(rows), chunk_size):
+                chunk = rows[start:start + chunk_size]
+                batch = [{"prompt": by_name[r["condition"]].wrap(r["prompt"], r["direction"]), "label": r["direction"],
+                          "direction": by_label[r["direction"]] if r["steered"] else None,
+                          "strength": r["strength"]} for r in chunk]
+                t0 = time.perf_counter()
+                responses = self.generate(Condition(str(adapter), adapter, None), batch,
+                                          cfg.seed + start // chunk_size + 7919 * chunk[0]["seed"])
+                took = time.perf_counter() - t0
+                judged = self.judge([{**b, "prompt": r["prompt"]} for b, r in zip(batch, chunk)], responses)
+                self.trials.extend([{**r, "response": text, **res.to_record(), "judge": self.judge_.name,
+                                     "generate_s": round(took / len(chunk), 3)}
+                                    for r, text, res in zip(chunk, responses, judged)])
+                bar.update(len(chunk))
+        bar.close()
+
+    def capability(self) -> dict[str, dict]:
+        """Perplexity of the reference answers under each model, and the unsteered score."""
+        from eval.capability import answer_perplexity
+
+        if not self.cfg.capability:
+            return {}
+        refs = [self.references[p] for p in self.prompts]
+        ppl: dict[str | None, float | None] = {}
+        for adapter in {c.adapter for c in self.conditions}:
+            with as_condition(self.model, adapter):
+                ppl[adapter] = answer_perplexity(self.model, self.tok, self.prompts, refs, self.cfg.batch_size)
+        return {c.name: {"perplexity": ppl[c.adapter], "reference_answers": len(refs)} for c in self.conditions}
+
+
+def run_eval(cfg: EvalConfig, out_dir: str | Path, *, model_and_tokenizer=None, progress: bool = True) -> dict:
+    """The whole evaluation; returns the summary also written to ``OUT/summary.json``."""
+    from esr_train.cache import atomic_write_json
+    from eval.summary import build_summary
+
+    t0 = time.perf_counter()
+    run = EvalRun(cfg, out_dir, model_and_tokenizer, progress)
+    run.prepare()
+    calibration = run.calibrate()
+    atomic_write_json(run.out / "calibration.json", calibration)
+    plan = run.run_plan = run.plan(calibration)
+    run.run_trials(plan)
+    capability = run.capability()
+    keys = {r["key"] for r in plan}
+    trials = [t for t in run.trials.records() if t["key"] in keys]
+    names = [c.name for c in run.conditions]
+    for name, entry in capability.items():
+        unsteered = [t for t in trials if t["condition"] == name and not t["steered"]]
+        scores = [t["attempts"][0]["score"] for t in unsteered if t.get("attempts") and not t.get("error")]
+        entry["unsteered_mean_score"] = sum(scores) / len(scores) if scores else None
+    config = {**dataclasses.asdict(cfg), "conditions": names, "judge": run.judge_.name, "layer": run.layer,
+              "n_prompts": len(run.prompts), "n_directions": len(run.directions),
+              "directions_used": [d.label for d in run.directions], "dtype": str(run.model.dtype),
+              "sweep_unit": "strength" if cfg.strengths else "factor of the calibrated strength",
+              "strength_unit": "multiples of the layer's median residual norm",
+              "wall_s": round(time.perf_counter() - t0, 1)}
+    summary = build_summary(trials, names, config=config, calibration=calibration, capability=capability)
+    atomic_write_json(run.out / "summary.json", summary)
+    return summary
