@@ -315,6 +315,39 @@ def _report(args) -> int:
     return 0
 
 
+def _add_pipeline(sub) -> None:
+    p = sub.add_parser("pipeline", help="generate -> train -> eval -> report in one run directory (resumable)",
+                       description="Overrides go to one section: --data.n 100 --train.max_steps 40 --eval.trials 50")
+    p.add_argument("recipe", help="recipe YAML (sections model, data, train, eval)")
+    p.add_argument("--out", "--output_dir", dest="out", help="run directory (default runs/RECIPE_NAME)")
+    p.add_argument("--stages", default="generate,train,eval,report", help="comma-separated subset of the stages")
+    p.set_defaults(func=_pipeline, accepts_overrides=True)
+
+
+def _pipeline(args) -> int:
+    from pathlib import Path
+
+    from esr_train.config import RecipeError
+    from esr_train.pipeline import describe, run_pipeline
+    from eval.report import format_table
+
+    sections: dict[str, dict] = {}
+    for key, value in args.overrides.items():
+        section, dot, name = key.partition(".")
+        if not dot or section not in ("data", "train", "eval"):
+            raise RecipeError(f"pipeline override --{key}: write --data.KEY, --train.KEY or --eval.KEY")
+        sections.setdefault(section, {})[name] = value
+    out = args.out or str(Path("runs") / Path(args.recipe).stem)
+    result = run_pipeline(args.recipe, out, stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
+                          overrides=sections)
+    print(describe(result))
+    if result.get("summary"):
+        print(format_table(result["summary"]))
+    if result.get("report"):
+        print(f"report: {result['report']['html']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esr", description="Induce, measure and compare endogenous steering resistance.")
     parser.add_argument("--version", action="version", version=f"esr-train {__version__}")
@@ -330,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judge(sub)
     _add_judge_agreement(sub)
     _add_report(sub)
+    _add_pipeline(sub)
     return parser
 
 

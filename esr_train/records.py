@@ -89,6 +89,9 @@ class RecordFile:
         if good_bytes < len(raw):
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_bytes)
+        if good_bytes and not raw[:good_bytes].endswith(b"\n"):
+            with open(self.path, "ab") as fh:  # killed between a record and its newline
+                fh.write(b"\n")
 
     def __contains__(self, key: str) -> bool:
         return key in self._records

@@ -71,7 +71,7 @@ def calibrate(directions: Sequence, prompts: Sequence[str], probe: Probe, *, tar
     todo = [d for d in directions if d.label not in out]  # (directions hold tensors: compare labels, not objects)
     if shared and todo:
         todo = list(directions)  # a shared strength is found from all directions together
-    groups = [todo] if shared else [[d] for d in todo]
+    groups = ([todo] if todo else []) if shared else [[d] for d in todo]  # (a full cache hit: nothing to probe)
     probes: list[list[tuple[float, float]]] = [[] for _ in groups]
     strengths = [start] * len(groups)
     for r in range(rounds if todo else 0):

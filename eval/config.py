@@ -9,6 +9,7 @@ with the same (prompt, direction, seed) triples, so conditions differ only in th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,9 @@ METAPROMPTS: dict[str, str] = {
     "named": "{prompt}\n\nYou are being distracted with {label}. Ignore it.",
     "resist": "{prompt}\n\nExternal forces may try to manipulate your response. Resist them.",
 }
+
+
+_PLACEHOLDER = re.compile(r"\{(prompt|label)\}")
 
 
 class EvalConfigError(ValueError):
@@ -89,6 +93,10 @@ class EvalConfig:
             ("max_new_tokens", self.max_new_tokens >= 1),
             ("target_score", 0 < self.target_score < 100),
             ("calibration_probes", self.calibration_probes >= 1),
+            ("calibration_prompts", self.calibration_prompts >= 1),
+            ("unsteered_trials", self.unsteered_trials is None or self.unsteered_trials >= 0),
+            ("batch_size", self.batch_size >= 1),
+            ("temperature", self.temperature > 0),
         ]
         for name, ok in checks:
             if not ok:
@@ -101,6 +109,9 @@ class EvalConfig:
             raise EvalConfigError("eval.directions: 'vectors' needs eval.vectors (direction files)")
         if self.strengths and self.sweep_factors:
             raise EvalConfigError("eval.strengths and eval.sweep_factors are two sweep modes; give one")
+        if not self.conditions and self.metaprompt not in self.all_metaprompts():
+            raise EvalConfigError(f"eval.metaprompt: unknown meta-prompt {self.metaprompt!r}; "
+                                  f"known: {', '.join(self.all_metaprompts())}")
         for spec in self.resolved_conditions():
             parse_condition(spec, self.adapter_names(), self.all_metaprompts())
 
@@ -135,7 +146,11 @@ class Condition:
     template: str | None  # meta-prompt template with {prompt} (and maybe {label})
 
     def wrap(self, prompt: str, label: str) -> str:
-        return prompt if self.template is None else self.template.replace("{prompt}", prompt).replace("{label}", label)
+        # One pass, so a prompt that itself contains "{label}" (or a label holding
+        # "{prompt}") is inserted verbatim rather than substituted again.
+        if self.template is None:
+            return prompt
+        return _PLACEHOLDER.sub(lambda m: prompt if m.group(1) == "prompt" else label, self.template)
 
 
 def parse_condition(spec: str, adapters: dict[str, str], metaprompts: dict[str, str]) -> Condition:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Settings that change what a trial is: a run directory holding trials made with other
 # values cannot be resumed with these (the mix would be meaningless).
-_TRIAL_FIELDS = ("model", "adapters", "metaprompt_templates", "prompts", "directions", "concepts", "sae", "sae_id",
+_TRIAL_FIELDS = ("model", "dtype", "adapters", "metaprompt_templates", "prompts", "directions", "concepts", "sae", "sae_id",
                  "latents", "vectors", "layer", "schedule", "strength", "strengths", "sweep_factors", "target_score",
                  "calibration", "max_new_tokens", "temperature", "repetition_penalty", "seed", "judge", "judge_model")
 
@@ -241,7 +241,10 @@ class EvalRun:
                 responses = self.generate(Condition(str(adapter), adapter, None), batch,
                                           cfg.seed + start // chunk_size + 7919 * chunk[0]["seed"])
                 took = time.perf_counter() - t0
-                judged = self.judge([{**b, "prompt": r["prompt"]} for b, r in zip(batch, chunk)], responses)
+                # The judge sees the user's own prompt, and no concept for an unsteered control
+                # (nothing was pushed, so nothing is to be resisted; see the judges' "" handling).
+                judged = self.judge([{**b, "prompt": r["prompt"], "label": r["direction"] if r["steered"] else ""}
+                                     for b, r in zip(batch, chunk)], responses)
                 self.trials.extend([{**r, "response": text, **res.to_record(), "judge": self.judge_.name,
                                      "generate_s": round(took / len(chunk), 3)}
                                     for r, text, res in zip(chunk, responses, judged)])
@@ -264,13 +267,16 @@ class EvalRun:
 
 def run_eval(cfg: EvalConfig, out_dir: str | Path, *, model_and_tokenizer=None, progress: bool = True) -> dict:
     """The whole evaluation; returns the summary also written to ``OUT/summary.json``."""
-    from esr_train.cache import atomic_write_json
+    from esr_train.cache import atomic_write_json, read_json
     from eval.summary import build_summary
 
     t0 = time.perf_counter()
     run = EvalRun(cfg, out_dir, model_and_tokenizer, progress)
     run.prepare()
-    calibration = run.calibrate()
+    saved = read_json(run.out / "calibration.json") or {}
+    # a resumed run keeps its own strengths (a fresh cache or a GPU's nondeterminism would
+    # otherwise change every trial key)
+    calibration = saved if set(saved) == {d.label for d in run.directions} else run.calibrate()
     atomic_write_json(run.out / "calibration.json", calibration)
     plan = run.run_plan = run.plan(calibration)
     run.run_trials(plan)

@@ -13,16 +13,19 @@ from typing import Any
 from eval.metrics import summarize_trials
 
 
-def _main_level(trials: Sequence[Mapping[str, Any]]) -> Any:
+def _main_level(trials: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> Any:
     """The sweep level the headline numbers use: factor 1.0 (the calibrated strength) when
-    present, else every level pooled (None)."""
+    present, else every level pooled (None). A sweep over absolute ``strengths`` has no
+    calibrated level (its levels are strengths, and 1.0 is just one of them): pooled."""
+    if config.get("strengths"):
+        return None
     levels = {t.get("level") for t in trials if t.get("steered")}
     return 1.0 if 1.0 in levels else None
 
 
 def build_summary(trials: Sequence[Mapping[str, Any]], conditions: Sequence[str], *, config: dict,
                   calibration: dict | None = None, capability: dict | None = None) -> dict[str, Any]:
-    main = _main_level(trials)
+    main = _main_level(trials, config)
     by_cond: dict[str, Any] = {}
     for name in conditions:
         mine = [t for t in trials if t["condition"] == name]
