@@ -39,8 +39,6 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
 
-    import torch
-
     from data_gen.banks import load_prompts, load_subjects
     from esr_train.concepts import concept_directions
     from esr_train.dtype import matmul_gflops

@@ -51,7 +51,15 @@ class _Run:
 
     @property
     def conditions(self) -> dict[str, Any]:
-        return self.summary.get("conditions") or {}
+        return ordered_conditions(self.summary)
+
+
+def ordered_conditions(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The summary's conditions in the run's own order (``config.conditions``: base,
+    meta-prompt, adapter), which JSON written with sorted keys does not keep."""
+    conditions = summary.get("conditions") or {}
+    order = [c for c in (summary.get("config") or {}).get("conditions") or [] if c in conditions]
+    return {name: conditions[name] for name in order + [c for c in conditions if c not in order]}
 
 
 def _load_run(run_dir: Path) -> _Run:
@@ -159,7 +167,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
     Plain aligned columns, so it reads the same in a terminal and in a log file."""
     headers = ["condition", "n", "multi-attempt", "ESR", "first score", "false restart (unsteered)"]
     rows = [headers]
-    for name, cond in (summary.get("conditions") or {}).items():
+    for name, cond in ordered_conditions(summary).items():
         st, un = cond.get("steered"), cond.get("unsteered")
         rows.append([
             name,

@@ -29,3 +29,15 @@ def serve(handler, monkeypatch, quiet: bool = False) -> Iterator[str]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+def send_json(handler, status: int, payload) -> None:
+    """Write ``payload`` as a JSON response from inside a ``BaseHTTPRequestHandler``."""
+    import json
+
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

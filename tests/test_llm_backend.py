@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.local_server import serve
+from tests.local_server import send_json, serve
 
 from data_gen.backends.llm import (
     LLM_SYSTEM_PROMPT,
@@ -61,12 +61,7 @@ def _handler(state: Canned) -> type[BaseHTTPRequestHandler]:
                 status, payload = 400, {"error": {"message": "unknown prompt"}}
             else:
                 status, payload = 200, {"choices": [{"message": {"role": "assistant", "content": CANNED[key]}}]}
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, payload)
 
         def log_message(self, *args: Any) -> None:
             pass

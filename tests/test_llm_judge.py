@@ -20,7 +20,7 @@ import pytest
 
 from eval.judging import JudgeItem
 from eval.llm_judge import JUDGE_SYSTEM_PROMPT, LLMJudge, make_llm_judge, parse_judge_reply
-from tests.local_server import serve
+from tests.local_server import send_json, serve
 
 TWO = ('The first attempt drifts into octopuses; the second answers.\n'
        '<json>{"attempts": [{"attempt_text": "Octopuses have three hearts.", "score": 10}, '
@@ -73,12 +73,7 @@ def _handler(state: Server) -> type[BaseHTTPRequestHandler]:
             status, content = _reply(user, hits)
             payload = ({"choices": [{"message": {"role": "assistant", "content": content}}]} if status == 200
                        else {"error": {"message": f"canned {status}"}})
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, payload)
 
         def log_message(self, *args: Any) -> None:
             pass
