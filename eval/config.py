@@ -109,7 +109,7 @@ class EvalConfig:
             raise EvalConfigError("eval.directions: 'vectors' needs eval.vectors (direction files)")
         if self.strengths and self.sweep_factors:
             raise EvalConfigError("eval.strengths and eval.sweep_factors are two sweep modes; give one")
-        if not self.conditions and self.metaprompt not in self.all_metaprompts():
+        if not self.conditions and self.metaprompt not in (*self.all_metaprompts(), "all"):
             raise EvalConfigError(f"eval.metaprompt: unknown meta-prompt {self.metaprompt!r}; "
                                   f"known: {', '.join(self.all_metaprompts())}")
         for spec in self.resolved_conditions():
@@ -136,7 +136,8 @@ class EvalConfig:
         each adapter."""
         if self.conditions:
             return list(self.conditions)
-        return ["base", f"base+metaprompt:{self.metaprompt}", *self.adapter_names()]
+        metas = list(self.all_metaprompts()) if self.metaprompt == "all" else [self.metaprompt]
+        return ["base", *(f"base+metaprompt:{m}" for m in metas), *self.adapter_names()]
 
 
 @dataclass(frozen=True)

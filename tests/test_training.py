@@ -144,3 +144,18 @@ def test_sweep_draws_equal_sized_mixes(dataset, tmp_path):
         sub = load_from_disk(str(tmp_path / "sweep" / f"mix-{m}" / "data"))
         assert len(sub["train"]) == 2 and sub["train"]["kind"].count("self_correction") == share
         assert (Path(result["adapters"][m]) / "adapter_config.json").exists()
+
+
+def test_steered_training_pushes_self_correction_rows_through_backward(dataset, tmp_path):
+    """Training with the push on: directions are built for the self-correction subjects,
+    the first-step loss differs from unsteered training with the same seed (the hooks act
+    in the step), and training still lowers the loss."""
+    from esr_train.training.trainer import train
+
+    fast = {**RECIPE["train"], "max_steps": 3, "save_steps": 3, "eval_steps": 3}
+    plain = train({**RECIPE, "train": fast}, tmp_path / "plain", dataset_dir=dataset)
+    steered = train({**RECIPE, "train": {**fast, "steer_strength": 0.5}}, tmp_path / "steered", dataset_dir=dataset)
+    assert steered["steering"] == {"strength": 0.5, "schedule": "all", "subjects": 3}
+    assert len(list((tmp_path / "steered" / "directions").glob("*.safetensors"))) == 3
+    assert abs(steered["first_train_loss"] - plain["first_train_loss"]) > 1e-3
+    assert steered["final_eval_loss"] is not None

@@ -40,6 +40,10 @@ class TrainExtras:
     dataset: str | None = field(default=None, metadata={"help": "dataset directory written by esr generate"})
     system_prompt: str | None = field(default=None, metadata={"help": "system turn added to every training chat"})
     eval_split: str | None = field(default="test", metadata={"help": "dataset split for eval loss (null: none)"})
+    steer_strength: float | None = field(default=None, metadata={
+        "help": "steer self-correction rows toward their subject while training (x median residual norm; null: off)"})
+    steer_layer: int | None = field(default=None, metadata={"help": "layer for training-time steering (default: the model's)"})
+    steer_schedule: str = field(default="all", metadata={"help": "all | generated | prompt+first:N, as in esr steer"})
 
 
 # defaults that differ from SFTConfig's, chosen for small CPU runs; a recipe overrides any

@@ -143,6 +143,7 @@ def tokenize_dataset(
     max_length: int,
     system: str | None = None,
     num_proc: int = 1,
+    extra_columns: dict[str, list] | None = None,
 ) -> tuple["datasets.Dataset", dict[str, int]]:
     """Tokenize and mask every row; returns (dataset with input_ids / attention_mask /
     labels, stats). Dropped rows are counted, never silently lost."""
@@ -170,4 +171,7 @@ def tokenize_dataset(
         "loss_tokens": int(sum(list(kept["n_loss_tokens"]))),
         "tokens": int(sum(len(ids) for ids in kept["input_ids"])),
     }
-    return kept.select_columns(["input_ids", "attention_mask", "labels"]), stats
+    kept = kept.select_columns(["input_ids", "attention_mask", "labels"])
+    for name, values in (extra_columns or {}).items():  # per-row values that follow the kept rows
+        kept = kept.add_column(name, [v for v, st in zip(values, status) if st == "ok"])
+    return kept, stats

@@ -109,12 +109,21 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     ds = load_from_disk(str(data_path))
     tok = load_tokenizer(section.name)
     max_length = int(sft_kwargs.get("max_length") or 512)
-    train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, system=extras.system_prompt)
+    steer_cols: dict[str, dict] = {}
+    subjects: list[str] = []
+    if extras.steer_strength:
+        from esr_train.training.steered import STEER_COLUMN, row_steer_ids, steer_subjects
+
+        subjects = steer_subjects([r for split in ds for r in ds[split]])
+        steer_cols = {split: {STEER_COLUMN: row_steer_ids(ds[split], subjects)} for split in ds}
+    train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, system=extras.system_prompt,
+                                             extra_columns=steer_cols.get("train"))
     if len(train_ds) == 0:
         raise TrainError(f"no training rows left after tokenization ({train_stats}); raise max_length")
     eval_ds, eval_stats = (None, None)
     if extras.eval_split and extras.eval_split in ds and len(ds[extras.eval_split]):
-        eval_ds, eval_stats = tokenize_dataset(ds[extras.eval_split], tok, max_length, system=extras.system_prompt)
+        eval_ds, eval_stats = tokenize_dataset(ds[extras.eval_split], tok, max_length, system=extras.system_prompt,
+                                               extra_columns=steer_cols.get(extras.eval_split))
         sft_kwargs.setdefault("eval_strategy", "steps")
         sft_kwargs.setdefault("eval_steps", sft_kwargs.get("save_steps", 50))
     sft_kwargs.setdefault("bf16", dtype == torch.bfloat16)
@@ -137,9 +146,19 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     if section.attn_implementation:
         model.config._attn_implementation = section.attn_implementation
     out.mkdir(parents=True, exist_ok=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, peft_config=peft_config,
-                         callbacks=[_jsonl_callback(out / "train_log.jsonl")])
+    common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+                  peft_config=peft_config, callbacks=[_jsonl_callback(out / "train_log.jsonl")])
+    if extras.steer_strength:
+        from esr_train.training.steered import SteeredSFTTrainer, TrainSteering, load_directions
+        from esr_train.zoo import ZOO
+
+        layer = extras.steer_layer if extras.steer_layer is not None else (
+            ZOO[section.name].default_layer if section.name in ZOO else model.config.num_hidden_layers // 2)
+        directions = load_directions(subjects, model, tok, layer, out, data_path)
+        trainer = SteeredSFTTrainer(**common, steering=TrainSteering(directions, extras.steer_strength,
+                                                                     extras.steer_schedule))
+    else:
+        trainer = SFTTrainer(**common)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last if resume and last else None)
     wall = time.perf_counter() - t0
@@ -158,6 +177,8 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "tokenize": {"train": train_stats, "eval": eval_stats},
         "dataset": dataset_fingerprint(data_path, ds), "resumed_from": Path(last).name if resume and last else None,
         "lora": {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_kwargs.items()},
+        "steering": {"strength": extras.steer_strength, "schedule": extras.steer_schedule,
+                     "subjects": len(subjects)} if extras.steer_strength else None,
     }
     atomic_write_json(out / "esr_train_summary.json", summary)
     import yaml

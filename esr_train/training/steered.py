@@ -1,0 +1,102 @@
+"""Training with the steering push switched on: each self-correction row is trained while
+its subject's direction is added at one layer, as at evaluation time.
+
+Why: without it the model only ever learns the restart from clean activations, and at
+evaluation the continuous push suppresses it (first probe: 0-3% restarts). With it, the
+model learns to produce the restart and the answer *while pushed*. The push must stay on
+through the backward pass: with activation checkpointing the forward of each block is
+recomputed during backward, so the hooks wrap the whole training step, not just the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from trl import SFTTrainer
+
+STEER_COLUMN = "esr_steer"
+"""Dataset column: index of the row's direction, -1 for rows trained without a push."""
+
+
+@dataclass
+class TrainSteering:
+    directions: list  # SteeringDirection per index
+    strength: float
+    schedule: str = "all"
+
+    def rows(self, ids) -> list:
+        return [self.directions[i] if i >= 0 else None for i in ids.tolist()]
+
+
+def steer_subjects(rows) -> list[str]:
+    """Subjects of the self-correction rows, in first-seen order (direction indices)."""
+    return list(dict.fromkeys(r["subject"] for r in rows if r.get("kind") == "self_correction" and r.get("subject")))
+
+
+def row_steer_ids(rows, subjects: list[str]) -> list[int]:
+    """Direction index per row: self-correction rows point at their subject, others -1."""
+    index = {s: i for i, s in enumerate(subjects)}
+    return [index.get(r.get("subject"), -1) if r.get("kind") == "self_correction" else -1 for r in rows]
+
+
+def load_directions(subjects: list[str], model, tokenizer, layer: int, out_dir: Path, data_dir: Path,
+                    batch_size: int = 16) -> list:
+    """Each subject's concept direction at ``layer``: the one ``esr generate`` saved beside
+    the dataset when present, else built now with the base weights and saved in ``out_dir``."""
+    from data_gen.backends.self_backend import _slug
+    from esr_train.concepts import concept_directions
+    from esr_train.directions import SteeringDirection
+
+    saved = {s: data_dir / ".work" / "directions" / f"{_slug(s)}-L{layer}.safetensors" for s in subjects}
+    mine = {s: out_dir / "directions" / f"{_slug(s)}-L{layer}.safetensors" for s in subjects}
+    missing = [s for s in subjects if not saved[s].exists() and not mine[s].exists()]
+    if missing:
+        for s, d in zip(missing, concept_directions(model, tokenizer, missing, layer, batch_size=batch_size)):
+            d.save(mine[s])
+    return [SteeringDirection.load(saved[s] if saved[s].exists() else mine[s]) for s in subjects]
+
+
+class _SteerCollator:
+    """Pads with the trainer's own collator and carries the direction index along."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __call__(self, examples):
+        import torch
+
+        ids = [int(e.get(STEER_COLUMN, -1)) for e in examples]
+        batch = self.base([{k: v for k, v in e.items() if k != STEER_COLUMN} for e in examples])
+        batch[STEER_COLUMN] = torch.tensor(ids)
+        return batch
+
+
+class SteeredSFTTrainer(SFTTrainer):
+    def __init__(self, *args, steering: TrainSteering, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steering = steering
+        self.data_collator = _SteerCollator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if STEER_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, STEER_COLUMN]
+
+    def _pushed(self, model, inputs):
+        from contextlib import nullcontext
+
+        from esr_train.steering import steer_rows
+
+        ids = inputs.pop(STEER_COLUMN, None)
+        if ids is None or not (ids >= 0).any():
+            return nullcontext()
+        return steer_rows(model, self.steering.rows(ids), self.steering.strength, schedule=self.steering.schedule)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        with self._pushed(model, inputs):
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        with self._pushed(model, inputs):
+            return super().prediction_step(model, inputs, *args, **kwargs)
