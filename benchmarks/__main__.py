@@ -19,7 +19,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
     args = parser.parse_args(argv)
     rows = []
-    rows += steer_bench.main(["--n", "32" if args.quick else "48"])
+    rows += steer_bench.main(["--n", "32" if args.quick else "64"])
     rows += train_bench.main(["--steps", "2" if args.quick else "4"])
     rows += generate_bench.main(["--n", "24" if args.quick else "48"])
     result = {"meta": machine_meta(), "rows": rows}

@@ -32,9 +32,9 @@ def _generated_tokens(tok, texts: list[str]) -> int:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=48, help="prompts in the batched runs")
+    parser.add_argument("--n", type=int, default=64, help="prompts in the batched runs")
     parser.add_argument("--tokens", type=int, default=64, help="max new tokens")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--naive", type=int, default=4, help="prompts timed one at a time")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)

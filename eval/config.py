@@ -73,7 +73,7 @@ class EvalConfig:
     max_new_tokens: int = 128
     temperature: float = 0.6
     repetition_penalty: float = 1.1
-    batch_size: int = 16
+    batch_size: int = 32
     seed: int = 0
     judge: str = "offline"
     judge_base_url: str | None = None
