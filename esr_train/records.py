@@ -113,3 +113,19 @@ class RecordFile:
             os.fsync(fh.fileno())
         for r in records:
             self._records[str(r[self.key_field])] = r
+
+
+def json_objects(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a user's JSONL file; a line that
+    is not a JSON object raises ``error`` naming the file and line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise error(f"{path}:{lineno}: not valid JSON: {exc}") from None
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj

@@ -25,6 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from esr_train.cache import atomic_write_text
+from esr_train.records import json_objects
 from eval.judging import Judge, JudgeItem
 
 __all__ = ["JudgeFileError", "format_agreement", "judge_agreement", "judge_file", "read_judge_rows"]
@@ -42,23 +43,14 @@ def read_judge_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows ``{"prompt", "response", "concept"?, "reference"?, ...}`` of a JSONL file; blank
     lines are skipped, extra keys (``id``, ``label``, ...) are kept."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise JudgeFileError(f"{path}:{lineno}: invalid JSON: {exc}") from None
-            if not isinstance(row, dict):
-                raise JudgeFileError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key in ("prompt", "response"):
-                if not isinstance(row.get(key), str):
-                    raise JudgeFileError(f"{path}:{lineno}: {key!r} is missing or not a string")
-            for key in ("concept", "reference"):
-                if not _optional_str(row, key):
-                    raise JudgeFileError(f"{path}:{lineno}: {key!r} is not a string")
-            rows.append(row)
+    for lineno, row in json_objects(path, JudgeFileError):
+        for key in ("prompt", "response"):
+            if not isinstance(row.get(key), str):
+                raise JudgeFileError(f"{path}:{lineno}: {key!r} is missing or not a string")
+        for key in ("concept", "reference"):
+            if not _optional_str(row, key):
+                raise JudgeFileError(f"{path}:{lineno}: {key!r} is not a string")
+        rows.append(row)
     return rows
 
 

@@ -273,3 +273,33 @@ def test_cli_judge_and_report(main_run, tmp_path, capsys) -> None:
     html = (run / "report.html").read_text(encoding="utf-8")
     assert all(name in html for name in CONDITIONS) and (run / "report.md").is_file()
     assert list((run / "plots").glob("*.png"))
+
+
+def test_sae_directions_with_the_eligibility_filter_and_a_strength_sweep(smollm, esr_cache, tmp_path) -> None:
+    """An SAE built with sae-lens and saved to disk: the latents most active on the prompts
+    are never steered, the chosen latent steers at the SAE's layer with its label, and a
+    two-level --strengths sweep yields one metrics row per level."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from esr_train.sae import load_sae, most_active_latents
+    from eval.sources import eval_prompts
+
+    model, tok = smollm
+    cfg = StandardSAEConfig(d_in=576, d_sae=64,
+                            metadata=SAEMetadata(hook_name="blocks.15.hook_resid_post", model_name="smollm2-135m"))
+    torch.manual_seed(0)
+    StandardSAE(cfg).save_model(tmp_path / "sae")
+    ecfg = EvalConfig(directions="sae", sae=str(tmp_path / "sae"), exclude_top_k=8, n_directions=2,
+                      latent_labels={"3": "latent three"}, strengths=[0.1, 0.3], n_prompts=2, trials=2,
+                      unsteered_trials=0, max_new_tokens=12, batch_size=8, capability=False)
+    excluded = most_active_latents(load_sae(tmp_path / "sae"), model, tok, eval_prompts(ecfg), k=8)
+    summary = run_eval(ecfg, tmp_path / "run", model_and_tokenizer=smollm, progress=False)
+    used = summary["config"]["directions_used"]
+    assert len(used) == 2 and summary["config"]["layer"] == 15
+    latents = [int(u.split()[-1]) if u.startswith("latent ") and u.split()[-1].isdigit() else 3 for u in used]
+    assert not set(latents) & excluded
+    assert summary["sweep"]["levels"] == [0.1, 0.3]
+    assert [m["n"] for m in summary["sweep"]["conditions"]["base"]] == [2, 2]
+    trials = read_trials(tmp_path / "run")
+    assert sorted({t["strength"] for t in trials}) == [0.1, 0.3]

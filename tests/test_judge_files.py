@@ -107,7 +107,7 @@ def test_resume_refuses_foreign_output(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("line, words", [
-    ('{"prompt": "p", "response": ', "invalid JSON"),
+    ('{"prompt": "p", "response": ', "not valid JSON"),
     ('["p", "r"]', "expected a JSON object, got list"),
     ('{"response": "r"}', "'prompt' is missing or not a string"),
     ('{"prompt": "p", "response": 3}', "'response' is missing or not a string"),

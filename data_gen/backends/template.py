@@ -8,13 +8,13 @@ the prompt). Fast and deterministic: for custom corpora and tests.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from data_gen.banks import BankError, format_restart
 from data_gen.schema import Transcript, TranscriptError, stable_fraction
 from data_gen.text import complete_part
+from esr_train.records import json_objects
 
 REQUIRED = ("prompt", "answer")
 
@@ -24,15 +24,7 @@ def read_template_rows(path: str | Path, phrases: list[dict], rng: random.Random
     if not path.exists():
         raise BankError(f"{path}: no such template file")
     out: list[tuple[str, Transcript]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise BankError(f"{path}:{lineno}: not valid JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise BankError(f"{path}:{lineno}: expected a JSON object")
+    for lineno, obj in json_objects(path, BankError):
         for key in REQUIRED:
             if not isinstance(obj.get(key), str) or not obj[key].strip():
                 raise BankError(f"{path}:{lineno}: missing or empty {key!r}")
