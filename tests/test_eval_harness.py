@@ -160,6 +160,7 @@ def test_resume_after_a_kill_regenerates_only_the_missing_trials(main_run, smoll
     kept[0] = json.dumps(marked, ensure_ascii=False) + "\n"
     path.write_text("".join(kept) + lost[0][: len(lost[0]) // 2], encoding="utf-8")  # plus a torn half line
     references = (run / "references.jsonl").read_bytes()
+    calibration = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
 
     summary = run_eval(EvalConfig(**GRID), run, model_and_tokenizer=smollm, progress=False)
 
@@ -171,8 +172,8 @@ def test_resume_after_a_kill_regenerates_only_the_missing_trials(main_run, smoll
     assert Counter(json.loads(line)["condition"] for line in after) == {c: PER_CONDITION for c in CONDITIONS}
     assert json.loads(after[0])["response"] == "KEPT, NOT REGENERATED"
     assert (run / "references.jsonl").read_bytes() == references
-    # the strengths came from the calibration cache, so the resumed keys match the originals
-    assert all(entry["cached"] for entry in summary["calibration"].values())
+    # the run's own strengths were reused, so the resumed keys match the originals
+    assert summary["calibration"] == calibration
     assert sum(summary["conditions"][c][p]["n"] + summary["conditions"][c][p]["n_no_attempt"]
                for c in CONDITIONS for p in ("steered", "unsteered")) == len(lines)
 
