@@ -68,10 +68,10 @@ def _steer(args) -> int:
     from esr_train.generation import generate
     from esr_train.sae import load_sae, sae_direction
     from esr_train.steering import steer
-    from esr_train.zoo import ZOO, load_model
+    from esr_train.zoo import load_model, steer_layer
 
     model, tok = load_model(args.model, dtype=args.dtype)
-    layer = args.layer if args.layer is not None else (ZOO[args.model].default_layer if args.model in ZOO else model.config.num_hidden_layers // 2)
+    layer = steer_layer(args.model, model, args.layer)
     if args.concept:
         direction = concept_direction(model, tok, args.concept, layer)
     elif args.vector:

@@ -13,6 +13,8 @@ typical residual on Llama and Gemma alike.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -184,3 +186,34 @@ def concept_directions(
             metadata={"concept": c, "texts": source, "n_texts": len(texts)},
         ))
     return out
+
+
+def direction_file(root: Path, concept: str, layer: int) -> Path:
+    """Where a concept's direction at ``layer`` is saved under ``root``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", concept.lower()).strip("-")[:60] or "subject"
+    return Path(root) / f"{slug}-L{layer}.safetensors"
+
+
+def saved_concept_directions(
+    model,
+    tokenizer,
+    concepts: Sequence[str],
+    layer: int,
+    save_dir: Path,
+    search: Sequence[Path] = (),
+    batch_size: int = 16,
+) -> list[SteeringDirection]:
+    """Each concept's direction, loaded where it was saved before (``save_dir`` first,
+    then ``search``), the missing ones built in shared batches and saved to ``save_dir``:
+    data generation, training and evaluation steer with the very same vectors."""
+    concepts = list(dict.fromkeys(concepts))
+    roots = [Path(save_dir), *map(Path, search)]
+
+    def found(c: str) -> Path | None:
+        return next((p for p in (direction_file(r, c, layer) for r in roots) if p.exists()), None)
+
+    missing = [c for c in concepts if found(c) is None]
+    if missing:
+        for c, d in zip(missing, concept_directions(model, tokenizer, missing, layer, batch_size=batch_size)):
+            d.save(direction_file(save_dir, c, layer))
+    return [SteeringDirection.load(found(c)) for c in concepts]

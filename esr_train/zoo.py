@@ -265,3 +265,13 @@ def model_name(model) -> str:
     """The zoo name or path a model was loaded from (also through a PEFT wrapper)."""
     config = getattr(model, "config", None)
     return getattr(config, "esr_model_name", None) or getattr(config, "_name_or_path", "") or type(model).__name__
+
+
+def steer_layer(name: str, model, layer: int | None = None) -> int:
+    """The layer to steer: ``layer`` when given, else the zoo entry's (chosen by
+    measurement), else the middle decoder layer of a hub or local model."""
+    from esr_train.layers import num_layers
+
+    if layer is not None:
+        return layer
+    return ZOO[name].default_layer if name in ZOO else num_layers(model) // 2

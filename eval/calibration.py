@@ -25,13 +25,23 @@ Probe = Callable[[list[tuple[object, float, str]]], list[float | None]]
 """(direction, strength, prompt) rows -> first-attempt score per row (None: no attempt)."""
 
 
+def _split(probes: Sequence[tuple[float, float]], target: float) -> tuple[list, list]:
+    """``(strength, mean score)`` probes scoring above the target, and at or below it."""
+    return [p for p in probes if p[1] > target], [p for p in probes if p[1] <= target]
+
+
+def _interpolate(above: tuple[float, float], below: tuple[float, float], target: float) -> float:
+    """The strength where the line through the two bracketing probes meets the target."""
+    (s0, m0), (s1, m1) = above, below
+    return s0 + (s1 - s0) * (m0 - target) / (m0 - m1)
+
+
 def next_strength(probes: Sequence[tuple[float, float]], target: float, hi: float) -> float:
     """Where to probe next given ``(strength, mean score)`` probes (score falls with strength)."""
-    above = [p for p in probes if p[1] > target]
-    below = [p for p in probes if p[1] <= target]
+    above, below = _split(probes, target)
     if above and below:
-        (s0, m0), (s1, m1) = max(above), min(below)
-        return s0 + (s1 - s0) * (m0 - target) / (m0 - m1) if m0 != m1 else (s0 + s1) / 2
+        a, b = max(above), min(below)
+        return _interpolate(a, b, target) if a[1] != b[1] else (a[0] + b[0]) / 2
     if above:  # not pushed hard enough yet
         return min(2 * max(above)[0], hi)
     return min(below)[0] / 2
@@ -40,12 +50,11 @@ def next_strength(probes: Sequence[tuple[float, float]], target: float, hi: floa
 def pick_strength(probes: Sequence[tuple[float, float]], target: float) -> float:
     """The strength whose score is nearest the target, interpolated between the two
     probes that bracket it when there are such probes."""
-    above = [p for p in probes if p[1] > target]
-    below = [p for p in probes if p[1] <= target]
+    above, below = _split(probes, target)
     if above and below:
-        (s0, m0), (s1, m1) = max(above), min(below)
-        if s0 < s1 and m0 != m1:
-            return round(s0 + (s1 - s0) * (m0 - target) / (m0 - m1), 4)
+        a, b = max(above), min(below)
+        if a[0] < b[0] and a[1] != b[1]:
+            return round(_interpolate(a, b, target), 4)
     return round(min(probes, key=lambda p: abs(p[1] - target))[0], 4)
 
 

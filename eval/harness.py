@@ -47,13 +47,6 @@ def plan_triples(n_prompts: int, n_directions: int, n: int, seed: int) -> list[T
     return [Triple(*grid[i % len(grid)], seed + i // len(grid)) for i in range(n)]
 
 
-def default_layer(model_name: str, model) -> int:
-    from esr_train.layers import decoder_layers
-    from esr_train.zoo import ZOO
-
-    return ZOO[model_name].default_layer if model_name in ZOO else len(decoder_layers(model)) // 2
-
-
 def make_judge(cfg: EvalConfig):
     if cfg.judge == "llm":
         from eval.llm_judge import make_llm_judge
@@ -122,13 +115,14 @@ class EvalRun:
         self.trials = RecordFile(self.out / "trials.jsonl")
 
     # -- generation and judging -------------------------------------------------
-    def generate(self, condition: Condition, rows: list[dict], seed: int) -> list[str]:
-        """Responses for rows {"prompt", "label", "direction" (or None), "strength"}."""
+    def generate(self, adapter: str | None, rows: list[dict], seed: int) -> list[str]:
+        """Responses for rows {"prompt" (as the model sees it), "direction" (or None),
+        "strength"}, with ``adapter`` active (None: the base weights)."""
         from esr_train.generation import generate
 
         cfg = self.cfg
-        with as_condition(self.model, condition.adapter):
-            return generate(self.model, self.tok, [condition.wrap(r["prompt"], r["label"]) for r in rows],
+        with as_condition(self.model, adapter):
+            return generate(self.model, self.tok, [r["prompt"] for r in rows],
                             max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
                             repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size, seed=seed,
                             row_steering=[r["direction"] for r in rows], strength=[r["strength"] for r in rows],
@@ -144,19 +138,16 @@ class EvalRun:
         """Prompts, directions and reference answers (base weights), then the judge."""
         from esr_train.generation import generate
         from esr_train.records import JsonlStore
+        from esr_train.zoo import steer_layer
         from eval.sources import eval_directions, eval_prompts
 
         cfg = self.cfg
         self.prompts = eval_prompts(cfg)
         with as_condition(self.model, None):
-            if cfg.directions == "sae":
-                from esr_train.sae import load_sae, sae_layer
-
-                self.layer = sae_layer(load_sae(cfg.sae, cfg.sae_id))
-            else:
-                self.layer = cfg.layer if cfg.layer is not None else default_layer(cfg.model, self.model)
-            self.directions = eval_directions(cfg, self.model, self.tok, self.layer, self.prompts,
-                                              self.out / "directions")
+            # an SAE fixes its own layer; other sources steer at the configured or the model's
+            layer = None if cfg.directions == "sae" else steer_layer(cfg.model, self.model, cfg.layer)
+            self.directions = eval_directions(cfg, self.model, self.tok, layer, self.prompts, self.out / "directions")
+            self.layer = self.directions[0].layer
             store = JsonlStore(self.out / "references.jsonl")
             missing = [p for p in self.prompts if p not in store]
             if missing:
@@ -177,14 +168,12 @@ class EvalRun:
 
         cfg = self.cfg
         if cfg.strength is not None or cfg.strengths:
-            fixed = cfg.strength if cfg.strength is not None else None
-            return {d.label: {"strength": fixed, "target": None, "probes": []} for d in self.directions}
-        base = Condition("base", None, None)
+            return {d.label: {"strength": cfg.strength, "target": None, "probes": []} for d in self.directions}
         prompts = self.prompts[: cfg.calibration_prompts]
 
         def probe(rows):
             batch = [{"prompt": p, "label": d.label, "direction": d, "strength": s} for d, s, p in rows]
-            results = self.judge(batch, self.generate(base, batch, cfg.seed))
+            results = self.judge(batch, self.generate(None, batch, cfg.seed))
             return [r.attempts[0]["score"] if r.attempts and r.error is None else None for r in results]
 
         settings = {"model": cfg.model, "layer": self.layer, "judge": self.judge_.name, "schedule": cfg.schedule,
@@ -238,8 +227,7 @@ class EvalRun:
                           "direction": by_label[r["direction"]] if r["steered"] else None,
                           "strength": r["strength"]} for r in chunk]
                 t0 = time.perf_counter()
-                responses = self.generate(Condition(str(adapter), adapter, None), batch,
-                                          cfg.seed + start // chunk_size + 7919 * chunk[0]["seed"])
+                responses = self.generate(adapter, batch, cfg.seed + start // chunk_size + 7919 * chunk[0]["seed"])
                 took = time.perf_counter() - t0
                 # The judge sees the user's own prompt, and no concept for an unsteered control
                 # (nothing was pushed, so nothing is to be resisted; see the judges' "" handling).
@@ -278,16 +266,12 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, model_and_tokenizer=None, 
     # otherwise change every trial key)
     calibration = saved if set(saved) == {d.label for d in run.directions} else run.calibrate()
     atomic_write_json(run.out / "calibration.json", calibration)
-    plan = run.run_plan = run.plan(calibration)
+    plan = run.plan(calibration)
     run.run_trials(plan)
     capability = run.capability()
     keys = {r["key"] for r in plan}
     trials = [t for t in run.trials.records() if t["key"] in keys]
     names = [c.name for c in run.conditions]
-    for name, entry in capability.items():
-        unsteered = [t for t in trials if t["condition"] == name and not t["steered"]]
-        scores = [t["attempts"][0]["score"] for t in unsteered if t.get("attempts") and not t.get("error")]
-        entry["unsteered_mean_score"] = sum(scores) / len(scores) if scores else None
     config = {**dataclasses.asdict(cfg), "conditions": names, "judge": run.judge_.name, "layer": run.layer,
               "n_prompts": len(run.prompts), "n_directions": len(run.directions),
               "directions_used": [d.label for d in run.directions], "dtype": str(run.model.dtype),
@@ -295,5 +279,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, model_and_tokenizer=None, 
               "strength_unit": "multiples of the layer's median residual norm",
               "wall_s": round(time.perf_counter() - t0, 1)}
     summary = build_summary(trials, names, config=config, calibration=calibration, capability=capability)
+    for name, entry in capability.items():  # the unsteered control's mean first-attempt score
+        entry["unsteered_mean_score"] = summary["conditions"][name]["unsteered"]["mean_first_score"]
     atomic_write_json(run.out / "summary.json", summary)
     return summary

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from pathlib import Path
 
 from eval.config import EvalConfig, EvalConfigError
@@ -47,26 +46,15 @@ def eval_prompts(cfg: EvalConfig) -> list[str]:
     return [r["prompt"] for r in _spread(rows, cfg.n_prompts, cfg.seed, "domain")]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "direction"
-
-
 def _concept_directions(cfg: EvalConfig, model, tok, layer: int, work: Path) -> list:
     from data_gen.banks import load_subjects
-    from esr_train.concepts import concept_directions
-    from esr_train.directions import SteeringDirection
+    from esr_train.concepts import saved_concept_directions
 
     rows = load_subjects("test", cfg.concepts)
     if not rows:
         raise EvalConfigError(f"eval.concepts: no subjects in {cfg.concepts or 'the bundled test split'}")
     labels = [r["subject"] for r in _spread(rows, cfg.n_directions, cfg.seed, "category")]
-    path = {s: work / f"{_slug(s)}-L{layer}.safetensors" for s in labels}
-    missing = [s for s in labels if not path[s].exists()]
-    if missing:
-        log.info("building %d concept directions at layer %d", len(missing), layer)
-        for s, d in zip(missing, concept_directions(model, tok, missing, layer, batch_size=cfg.batch_size)):
-            d.save(path[s])
-    return [SteeringDirection.load(path[s]) for s in labels]
+    return saved_concept_directions(model, tok, labels, layer, work, batch_size=cfg.batch_size)
 
 
 def _sae_directions(cfg: EvalConfig, model, tok, prompts: list[str]) -> list:
@@ -100,8 +88,9 @@ def _vector_directions(cfg: EvalConfig, model, tok, layer: int) -> list:
     return [with_reference_norm(load_vector_file(p, layer), model, tok) for p in cfg.vectors]
 
 
-def eval_directions(cfg: EvalConfig, model, tok, layer: int, prompts: list[str], work: Path) -> list:
-    """Steering directions for the run (unit vectors with their reference norm)."""
+def eval_directions(cfg: EvalConfig, model, tok, layer: int | None, prompts: list[str], work: Path) -> list:
+    """Steering directions for the run (unit vectors with their reference norm); ``layer``
+    is unused for SAE latents, which live at their SAE's layer."""
     from esr_train.directions import check_direction
 
     if cfg.directions == "concept":

@@ -291,15 +291,15 @@ def test_sae_directions_with_the_eligibility_filter_and_a_strength_sweep(smollm,
                             metadata=SAEMetadata(hook_name="blocks.15.hook_resid_post", model_name="smollm2-135m"))
     torch.manual_seed(0)
     StandardSAE(cfg).save_model(tmp_path / "sae")
-    ecfg = EvalConfig(directions="sae", sae=str(tmp_path / "sae"), exclude_top_k=8, n_directions=2,
-                      latent_labels={"3": "latent three"}, strengths=[0.1, 0.3], n_prompts=2, trials=2,
-                      unsteered_trials=0, max_new_tokens=12, batch_size=8, capability=False)
-    excluded = most_active_latents(load_sae(tmp_path / "sae"), model, tok, eval_prompts(ecfg), k=8)
+    grid = dict(directions="sae", sae=str(tmp_path / "sae"), exclude_top_k=8, n_directions=2, strengths=[0.1, 0.3],
+                n_prompts=2, trials=2, unsteered_trials=0, max_new_tokens=12, batch_size=8, capability=False)
+    excluded = most_active_latents(load_sae(tmp_path / "sae"), model, tok, eval_prompts(EvalConfig(**grid)), k=8)
+    allowed = [i for i in range(64) if i not in excluded][:2]
+    # the excluded latents come first among the candidates: only the filter keeps them out
+    ecfg = EvalConfig(**grid, latents=[*sorted(excluded)[:4], *allowed], latent_labels={str(allowed[0]): "picked"})
     summary = run_eval(ecfg, tmp_path / "run", model_and_tokenizer=smollm, progress=False)
-    used = summary["config"]["directions_used"]
-    assert len(used) == 2 and summary["config"]["layer"] == 15
-    latents = [int(u.split()[-1]) if u.startswith("latent ") and u.split()[-1].isdigit() else 3 for u in used]
-    assert not set(latents) & excluded
+    assert summary["config"]["directions_used"] == ["picked", f"latent {allowed[1]}"]
+    assert summary["config"]["layer"] == 15
     assert summary["sweep"]["levels"] == [0.1, 0.3]
     assert [m["n"] for m in summary["sweep"]["conditions"]["base"]] == [2, 2]
     trials = read_trials(tmp_path / "run")

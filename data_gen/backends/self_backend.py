@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -42,20 +41,14 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "subject"
-
-
 class SelfBackend:
     """Holds the model and the caches for one generation run."""
 
     def __init__(self, model, tokenizer, model_label: str, cfg: SelfConfig, work_dir: Path) -> None:
-        from esr_train.layers import num_layers
-        from esr_train.zoo import ZOO
+        from esr_train.zoo import steer_layer
 
         self.model, self.tok, self.label, self.cfg = model, tokenizer, model_label, cfg
-        self.layer = cfg.layer if cfg.layer is not None else (
-            ZOO[model_label].default_layer if model_label in ZOO else num_layers(model) // 2)
+        self.layer = steer_layer(model_label, model, cfg.layer)
         self.work = Path(work_dir)
         self.answers = JsonlStore(self.work / "answers.jsonl")
         self.distractions = JsonlStore(self.work / "distractions.jsonl")
@@ -77,21 +70,14 @@ class SelfBackend:
                 self.answers.put(key(p), complete_part(out))
         return {p: self.answers[key(p)] for p in prompts}
 
-    def _direction_path(self, subject: str) -> Path:
-        return self.work / "directions" / f"{_slug(subject)}-L{self.layer}.safetensors"
-
     def directions(self, subjects: Sequence[str]) -> dict:
         """Each subject's concept direction, built once (all missing ones in shared
         batches) and saved beside the caches."""
-        from esr_train.concepts import concept_directions
-        from esr_train.directions import SteeringDirection
+        from esr_train.concepts import saved_concept_directions
 
-        missing = [s for s in dict.fromkeys(subjects) if not self._direction_path(s).exists()]
-        if missing:
-            for s, d in zip(missing, concept_directions(self.model, self.tok, missing, self.layer,
-                                                        batch_size=self.cfg.batch_size)):
-                d.save(self._direction_path(s))
-        return {s: SteeringDirection.load(self._direction_path(s)) for s in dict.fromkeys(subjects)}
+        unique = list(dict.fromkeys(subjects))
+        return dict(zip(unique, saved_concept_directions(self.model, self.tok, unique, self.layer,
+                                                         self.work / "directions", batch_size=self.cfg.batch_size)))
 
     def distract(self, jobs: Sequence[dict]) -> dict[str, str]:
         """Steered openings for jobs {"id", "prompt", "subject", "sentences", "seed"};

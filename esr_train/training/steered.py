@@ -11,7 +11,6 @@ recomputed during backward, so the hooks wrap the whole training step, not just 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from trl import SFTTrainer
 
@@ -38,23 +37,6 @@ def row_steer_ids(rows, subjects: list[str]) -> list[int]:
     """Direction index per row: self-correction rows point at their subject, others -1."""
     index = {s: i for i, s in enumerate(subjects)}
     return [index.get(r.get("subject"), -1) if r.get("kind") == "self_correction" else -1 for r in rows]
-
-
-def load_directions(subjects: list[str], model, tokenizer, layer: int, out_dir: Path, data_dir: Path,
-                    batch_size: int = 16) -> list:
-    """Each subject's concept direction at ``layer``: the one ``esr generate`` saved beside
-    the dataset when present, else built now with the base weights and saved in ``out_dir``."""
-    from data_gen.backends.self_backend import _slug
-    from esr_train.concepts import concept_directions
-    from esr_train.directions import SteeringDirection
-
-    saved = {s: data_dir / ".work" / "directions" / f"{_slug(s)}-L{layer}.safetensors" for s in subjects}
-    mine = {s: out_dir / "directions" / f"{_slug(s)}-L{layer}.safetensors" for s in subjects}
-    missing = [s for s in subjects if not saved[s].exists() and not mine[s].exists()]
-    if missing:
-        for s, d in zip(missing, concept_directions(model, tokenizer, missing, layer, batch_size=batch_size)):
-            d.save(mine[s])
-    return [SteeringDirection.load(saved[s] if saved[s].exists() else mine[s]) for s in subjects]
 
 
 class _SteerCollator:

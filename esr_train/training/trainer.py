@@ -149,12 +149,14 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
                   peft_config=peft_config, callbacks=[_jsonl_callback(out / "train_log.jsonl")])
     if extras.steer_strength:
-        from esr_train.training.steered import SteeredSFTTrainer, TrainSteering, load_directions
-        from esr_train.zoo import ZOO
+        from esr_train.concepts import saved_concept_directions
+        from esr_train.training.steered import SteeredSFTTrainer, TrainSteering
+        from esr_train.zoo import steer_layer
 
-        layer = extras.steer_layer if extras.steer_layer is not None else (
-            ZOO[section.name].default_layer if section.name in ZOO else model.config.num_hidden_layers // 2)
-        directions = load_directions(subjects, model, tok, layer, out, data_path)
+        # the directions esr generate saved beside the dataset, else built now with the base weights
+        layer = steer_layer(section.name, model, extras.steer_layer)
+        directions = saved_concept_directions(model, tok, subjects, layer, out / "directions",
+                                              search=[data_path / ".work" / "directions"])
         trainer = SteeredSFTTrainer(**common, steering=TrainSteering(directions, extras.steer_strength,
                                                                      extras.steer_schedule))
     else:
