@@ -145,10 +145,15 @@ def steer_rows(
     *,
     unit: str = "norm",
     schedule: "str | Schedule" = "all",
+    positions: "torch.Tensor | None" = None,
 ) -> Iterator[None]:
     """Per-sequence steering for one batch: row ``i`` of every forward pass gets
     ``strength[i] x rows[i]`` (``None``: no push), so trials toward different concepts
-    share one batched ``generate``. The batch must be in the same order as ``rows``."""
+    share one batched ``generate``. The batch must be in the same order as ``rows``.
+
+    ``positions`` ([B, T], 1 where the push applies) limits the push to some tokens of a
+    full-sequence pass (training: push the context up to the restart, not the answer);
+    every forward pass inside must then cover exactly those T positions."""
     strengths = [float(strength)] * len(rows) if isinstance(strength, (int, float)) else [float(s) for s in strength]
     if len(strengths) != len(rows):
         raise ValueError(f"steer_rows: {len(rows)} rows but {len(strengths)} strengths")
@@ -160,14 +165,16 @@ def steer_rows(
             if layer not in per_layer:
                 per_layer[layer] = torch.zeros(len(rows), vec.numel())
             per_layer[layer][i] += vec
-    with _installed(model, {layer: m[:, None, :] for layer, m in per_layer.items()}, schedule):
+    with _installed(model, {layer: m[:, None, :] for layer, m in per_layer.items()}, schedule, positions):
         yield
 
 
 @contextmanager
-def _installed(model, per_layer: dict[int, torch.Tensor], schedule: "str | Schedule") -> Iterator[None]:
+def _installed(model, per_layer: dict[int, torch.Tensor], schedule: "str | Schedule",
+               positions: "torch.Tensor | None" = None) -> Iterator[None]:
     """Register the hooks that add ``per_layer[L]`` (shape [D], or [B, 1, D] per row) to
-    layer L's output; registration completes before ``try``, removal is in ``finally``."""
+    layer L's output, times ``positions[..., None]`` when given; registration completes
+    before ``try``, removal is in ``finally``."""
     sched = Schedule.parse(schedule)
     layers = decoder_layers(model)
     param = next(model.parameters())
@@ -186,6 +193,11 @@ def _installed(model, per_layer: dict[int, torch.Tensor], schedule: "str | Sched
                 raise ValueError(f"per-row steering for {push.shape[0]} rows met a batch of {hidden.shape[0]}")
             if tracker is not None:
                 push = push * tracker.mask(sched, hidden.device, hidden.dtype)
+            if positions is not None:
+                if tuple(positions.shape) != tuple(hidden.shape[:2]):
+                    raise ValueError(f"steering positions of shape {tuple(positions.shape)} met hidden states "
+                                     f"of shape {tuple(hidden.shape[:2])}")
+                push = push * positions.to(device=hidden.device, dtype=hidden.dtype)[..., None]
             hidden = hidden + push
             return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 

@@ -236,3 +236,30 @@ def test_per_row_steering_equals_each_row_steered_alone(tiny_model):
                 alone = _gen(tiny_model, torch.tensor([p]))[0]
         assert torch.equal(got, alone)
     assert all(not layer._forward_hooks for layer in decoder_layers(tiny_model))
+
+
+def test_position_mask_limits_the_push_to_chosen_tokens(tiny_model):
+    """Training with steer_span=until_answer pushes only the tokens before the answer: the
+    layer output moves by the push exactly where the mask is 1, per row, nowhere else."""
+    from esr_train.steering import steer_rows
+
+    d = direction(tiny_model, layer=1, norm=4.0)
+    ids = torch.tensor([[5, 17, 33, 9, 41], [8, 3, 22, 40, 41]])
+    positions = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.float)
+    seen = []
+    layer = decoder_layers(tiny_model)[1]
+    probe = lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+    with torch.no_grad():
+        h = layer.register_forward_hook(probe)
+        tiny_model(input_ids=ids)
+        h.remove()
+        with steer_rows(tiny_model, [d, d], 1.0, positions=positions):
+            h = layer.register_forward_hook(probe)
+            try:
+                tiny_model(input_ids=ids)
+            finally:
+                h.remove()
+        with steer_rows(tiny_model, [d, None], 1.0, positions=positions[:, :3]), pytest.raises(ValueError, match="shape"):
+            tiny_model(input_ids=ids)
+    expected = positions[..., None] * (4.0 * d.vector)
+    assert torch.allclose(seen[1] - seen[0], expected, atol=1e-5)

@@ -155,7 +155,13 @@ def test_steered_training_pushes_self_correction_rows_through_backward(dataset, 
     fast = {**RECIPE["train"], "max_steps": 3, "save_steps": 3, "eval_steps": 3}
     plain = train({**RECIPE, "train": fast}, tmp_path / "plain", dataset_dir=dataset)
     steered = train({**RECIPE, "train": {**fast, "steer_strength": 0.5}}, tmp_path / "steered", dataset_dir=dataset)
-    assert steered["steering"] == {"strength": 0.5, "schedule": "all", "subjects": 3}
+    assert steered["steering"] == {"strength": 0.5, "schedule": "all", "span": "all", "subjects": 3}
     assert len(list((tmp_path / "steered" / "directions").glob("*.safetensors"))) == 3
     assert abs(steered["first_train_loss"] - plain["first_train_loss"]) > 1e-3
     assert steered["final_eval_loss"] is not None
+    # pushing only up to the answer: the answer tokens see less push, so the loss differs again
+    span = train({**RECIPE, "train": {**fast, "steer_strength": 0.5, "steer_span": "until_answer"}},
+                 tmp_path / "span", dataset_dir=dataset)
+    assert span["steering"]["span"] == "until_answer"
+    losses = (plain["first_train_loss"], steered["first_train_loss"])
+    assert all(abs(span["first_train_loss"] - other) > 1e-3 for other in losses)

@@ -83,6 +83,9 @@ def test_self_correction_mask(tok):
     assert masked.endswith(SC_ROW["distraction"])
     assert masked[: -len(SC_ROW["distraction"])].endswith("\n")  # distraction follows the turn header directly
     assert out["n_loss_tokens"] == len(ids) - n_masked
+    # the answer starts right after the restart (steer_span: until_answer pushes before it)
+    assert _decode(tok, ids[out["answer_start"]:]) == f" {SC_ROW['answer']}{end}"
+    assert _decode(tok, ids[n_masked:out["answer_start"]]) == f" {SC_ROW['restart']}"
 
 
 def test_normal_row_trains_whole_answer(tok):
@@ -90,6 +93,7 @@ def test_normal_row_trains_whole_answer(tok):
     assert _decode(tok, out["input_ids"]) == _rendered_through_end(tok, NORMAL_ROW)
     kept = [lab for lab in out["labels"] if lab != IGNORE]
     assert _decode(tok, kept) == NORMAL_ROW["answer"] + END_TOKEN[tok.esr_name]
+    assert out["answer_start"] == len(out["labels"]) - len(kept)
 
 
 def test_bos_never_doubled(tok):

@@ -44,6 +44,12 @@ class TrainExtras:
         "help": "steer self-correction rows toward their subject while training (x median residual norm; null: off)"})
     steer_layer: int | None = field(default=None, metadata={"help": "layer for training-time steering (default: the model's)"})
     steer_schedule: str = field(default="all", metadata={"help": "all | generated | prompt+first:N, as in esr steer"})
+    steer_span: str = field(default="all", metadata={
+        "help": "all: push the whole self-correction row; until_answer: push prompt, distraction and restart only"})
+
+    def __post_init__(self) -> None:
+        if self.steer_span not in ("all", "until_answer"):
+            raise RecipeError(f"train.steer_span must be all or until_answer, got {self.steer_span!r}")
 
 
 # defaults that differ from SFTConfig's, chosen for small CPU runs; a recipe overrides any

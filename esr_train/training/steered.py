@@ -16,6 +16,9 @@ from trl import SFTTrainer
 
 STEER_COLUMN = "esr_steer"
 """Dataset column: index of the row's direction, -1 for rows trained without a push."""
+SPAN_COLUMN = "answer_start"
+"""Dataset column (from ``tokenize_row``): where the answer begins, after the restart."""
+SPANS = ("all", "until_answer")
 
 
 @dataclass
@@ -23,9 +26,25 @@ class TrainSteering:
     directions: list  # SteeringDirection per index
     strength: float
     schedule: str = "all"
+    span: str = "all"
+    """``all``: the whole row is pushed. ``until_answer``: the prompt, the distraction and the
+    restart are pushed, the answer is not, so the adapter is paid to *restart* under the
+    push but not to cancel it while answering (which teaches immunity instead: R4)."""
+
+    def __post_init__(self) -> None:
+        if self.span not in SPANS:
+            raise ValueError(f"steer_span must be one of {', '.join(SPANS)}, got {self.span!r}")
 
     def rows(self, ids) -> list:
         return [self.directions[i] if i >= 0 else None for i in ids.tolist()]
+
+    def positions(self, answer_start, length: int):
+        """[B, T] mask of pushed positions for ``until_answer`` (None for ``all``)."""
+        import torch
+
+        if self.span == "all" or answer_start is None:
+            return None
+        return (torch.arange(length)[None, :] < answer_start[:, None]).float()
 
 
 def steer_subjects(rows) -> list[str]:
@@ -40,7 +59,8 @@ def row_steer_ids(rows, subjects: list[str]) -> list[int]:
 
 
 class _SteerCollator:
-    """Pads with the trainer's own collator and carries the direction index along."""
+    """Pads with the trainer's own collator (right padding, so positions stay absolute) and
+    carries the direction index and the answer start along."""
 
     def __init__(self, base) -> None:
         self.base = base
@@ -49,8 +69,13 @@ class _SteerCollator:
         import torch
 
         ids = [int(e.get(STEER_COLUMN, -1)) for e in examples]
-        batch = self.base([{k: v for k, v in e.items() if k != STEER_COLUMN} for e in examples])
+        starts = [int(e[SPAN_COLUMN]) for e in examples if SPAN_COLUMN in e]
+        batch = self.base([{k: v for k, v in e.items() if k not in (STEER_COLUMN, SPAN_COLUMN)} for e in examples])
         batch[STEER_COLUMN] = torch.tensor(ids)
+        if len(starts) == len(examples):
+            if "attention_mask" in batch and not bool(batch["attention_mask"][:, 0].all()):
+                raise ValueError("steer_span needs right-padded batches (the collator padded on the left)")
+            batch[SPAN_COLUMN] = torch.tensor(starts)
         return batch
 
 
@@ -62,8 +87,8 @@ class SteeredSFTTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if STEER_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, STEER_COLUMN]
+        extra = [c for c in (STEER_COLUMN, SPAN_COLUMN) if c not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
 
     def _pushed(self, model, inputs):
         from contextlib import nullcontext
@@ -71,9 +96,12 @@ class SteeredSFTTrainer(SFTTrainer):
         from esr_train.steering import steer_rows
 
         ids = inputs.pop(STEER_COLUMN, None)
+        starts = inputs.pop(SPAN_COLUMN, None)
         if ids is None or not (ids >= 0).any():
             return nullcontext()
-        return steer_rows(model, self.steering.rows(ids), self.steering.strength, schedule=self.steering.schedule)
+        positions = self.steering.positions(starts, inputs["input_ids"].shape[1])
+        return steer_rows(model, self.steering.rows(ids), self.steering.strength, schedule=self.steering.schedule,
+                          positions=positions)
 
     def training_step(self, model, inputs, *args, **kwargs):
         with self._pushed(model, inputs):

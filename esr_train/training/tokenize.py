@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 IGNORE = -100
 _MARKER = "ESR_END_OF_TURN_PROBE"
-_FORMAT = 1  # bump when the sequence layout changes, so cached maps are not reused
+_FORMAT = 2  # bump when the sequence layout changes, so cached maps are not reused
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -84,8 +84,10 @@ def tokenize_row(
     system: str | None = None,
     eot: list[int] | None = None,
 ) -> dict[str, Any] | None:
-    """One row -> {"input_ids", "attention_mask", "labels", "n_loss_tokens"}, or None when
-    the row is longer than ``max_length`` or would train on nothing.
+    """One row -> {"input_ids", "attention_mask", "labels", "n_loss_tokens", "answer_start"},
+    or None when the row is longer than ``max_length`` or would train on nothing.
+    ``answer_start`` is the position of the answer's first token (after the restart; the
+    start of the assistant text for normal rows).
 
     ``eot`` (from ``end_of_turn_ids``) may be passed to skip re-probing the template.
     """
@@ -96,8 +98,9 @@ def tokenize_row(
         if not distraction or not restart:
             raise ValueError("self_correction row needs a distraction and a restart")
         masked_text, trained_texts = distraction, [" " + restart, " " + answer if answer else ""]
+        n_restart = len(_encode(tokenizer, trained_texts[0]))
     elif kind == "normal":
-        masked_text, trained_texts = "", [answer]
+        masked_text, trained_texts, n_restart = "", [answer], 0
     else:
         raise ValueError(f"unknown row kind {kind!r}")
 
@@ -116,7 +119,7 @@ def tokenize_row(
         return None
     labels = [IGNORE] * (len(prompt_ids) + len(masked_ids)) + trained_ids
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
-            "n_loss_tokens": len(trained_ids)}
+            "n_loss_tokens": len(trained_ids), "answer_start": len(prompt_ids) + len(masked_ids) + n_restart}
 
 
 def _map_row(row: dict[str, Any], tokenizer, max_length: int, system: str | None, eot: list[int]) -> dict[str, Any]:
@@ -126,7 +129,8 @@ def _map_row(row: dict[str, Any], tokenizer, max_length: int, system: str | None
         return {**out, "_status": "ok"}
     # tell the two reasons apart: a row that fits but trains nothing vs. one that is too long
     status = "no_loss" if tokenize_row(row, tokenizer, 10**9, system, eot) is None else "too_long"
-    return {"input_ids": [], "attention_mask": [], "labels": [], "n_loss_tokens": 0, "_status": status}
+    return {"input_ids": [], "attention_mask": [], "labels": [], "n_loss_tokens": 0, "answer_start": 0,
+            "_status": status}
 
 
 def _fingerprint(ds: "datasets.Dataset", tokenizer, max_length: int, system: str | None, eot: list[int]) -> str:
@@ -144,14 +148,17 @@ def tokenize_dataset(
     system: str | None = None,
     num_proc: int = 1,
     extra_columns: dict[str, list] | None = None,
+    keep: tuple[str, ...] = (),
 ) -> tuple["datasets.Dataset", dict[str, int]]:
     """Tokenize and mask every row; returns (dataset with input_ids / attention_mask /
-    labels, stats). Dropped rows are counted, never silently lost."""
+    labels, plus the ``keep`` columns of ``tokenize_row`` such as ``answer_start``, stats).
+    Dropped rows are counted, never silently lost."""
     from datasets import Features, List, Value
 
     eot = end_of_turn_ids(tokenizer)
     features = Features({"input_ids": List(Value("int32")), "attention_mask": List(Value("int8")),
-                         "labels": List(Value("int32")), "n_loss_tokens": Value("int32"), "_status": Value("string")})
+                         "labels": List(Value("int32")), "n_loss_tokens": Value("int32"), "answer_start": Value("int32"),
+                         "_status": Value("string")})
     mapped = ds.map(
         _map_row,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "system": system, "eot": eot},
@@ -171,7 +178,7 @@ def tokenize_dataset(
         "loss_tokens": int(sum(list(kept["n_loss_tokens"]))),
         "tokens": int(sum(len(ids) for ids in kept["input_ids"])),
     }
-    kept = kept.select_columns(["input_ids", "attention_mask", "labels"])
+    kept = kept.select_columns(["input_ids", "attention_mask", "labels", *keep])
     for name, values in (extra_columns or {}).items():  # per-row values that follow the kept rows
         kept = kept.add_column(name, [v for v, st in zip(values, status) if st == "ok"])
     return kept, stats

@@ -116,14 +116,15 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
 
         subjects = steer_subjects([r for split in ds for r in ds[split]])
         steer_cols = {split: {STEER_COLUMN: row_steer_ids(ds[split], subjects)} for split in ds}
+    keep = ("answer_start",) if extras.steer_strength and extras.steer_span != "all" else ()
     train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, system=extras.system_prompt,
-                                             extra_columns=steer_cols.get("train"))
+                                             extra_columns=steer_cols.get("train"), keep=keep)
     if len(train_ds) == 0:
         raise TrainError(f"no training rows left after tokenization ({train_stats}); raise max_length")
     eval_ds, eval_stats = (None, None)
     if extras.eval_split and extras.eval_split in ds and len(ds[extras.eval_split]):
         eval_ds, eval_stats = tokenize_dataset(ds[extras.eval_split], tok, max_length, system=extras.system_prompt,
-                                               extra_columns=steer_cols.get(extras.eval_split))
+                                               extra_columns=steer_cols.get(extras.eval_split), keep=keep)
         sft_kwargs.setdefault("eval_strategy", "steps")
         sft_kwargs.setdefault("eval_steps", sft_kwargs.get("save_steps", 50))
     sft_kwargs.setdefault("bf16", dtype == torch.bfloat16)
@@ -158,7 +159,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         directions = saved_concept_directions(model, tok, subjects, layer, out / "directions",
                                               search=[data_path / ".work" / "directions"])
         trainer = SteeredSFTTrainer(**common, steering=TrainSteering(directions, extras.steer_strength,
-                                                                     extras.steer_schedule))
+                                                                     extras.steer_schedule, extras.steer_span))
     else:
         trainer = SFTTrainer(**common)
     t0 = time.perf_counter()
@@ -179,7 +180,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "tokenize": {"train": train_stats, "eval": eval_stats},
         "dataset": dataset_fingerprint(data_path, ds), "resumed_from": Path(last).name if resume and last else None,
         "lora": {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_kwargs.items()},
-        "steering": {"strength": extras.steer_strength, "schedule": extras.steer_schedule,
+        "steering": {"strength": extras.steer_strength, "schedule": extras.steer_schedule, "span": extras.steer_span,
                      "subjects": len(subjects)} if extras.steer_strength else None,
     }
     atomic_write_json(out / "esr_train_summary.json", summary)
