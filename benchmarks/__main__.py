@@ -1,32 +1,47 @@
 """All benchmarks in one run, one table: ``python -m benchmarks [--json out.json] [--quick]``.
 
-Each figure is printed beside its baseline or ceiling measured in the same run (the
-machine is noisy; ratios travel, absolute numbers do not)."""
+Columns: measure, value, unit, baseline, ratio (value / baseline), ceiling, share of the
+ceiling, note; then the machine (CPU, ISA capability, dtype). ``--json PATH`` writes the
+same rows as a JSON list of objects (keys in ``benchmarks.report.ROW_KEYS``; ratios and
+shares as fractions). Baselines and ceilings are measured in the same run (the machine is
+noisy; ratios travel, absolute numbers do not), except the pipeline's 600 s target.
+
+Full run: steered generation (64 prompts at batch 32, <= 256 new tokens), LoRA training (4 steps),
+on-policy data generation (48 rows) and ``esr pipeline recipes/quick.yaml`` (about 10
+minutes; skip it with ``--no-pipeline``). ``--quick``: 32 prompts at batch 16, <= 96
+tokens, 2 train steps, 24 rows, no pipeline unless ``--pipeline`` (under 3 minutes).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from benchmarks import generate_bench, steer_bench, train_bench
-from benchmarks.report import machine_meta
+from benchmarks import generate_bench, pipeline_bench, steer_bench, train_bench
+from benchmarks.report import emit
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write {meta, rows} here")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
+    parser.add_argument("--json", help="write the rows here (a JSON list of row objects)")
+    parser.add_argument("--quick", action="store_true", help="a reduced run, under 3 minutes (no pipeline)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--pipeline", action="store_true", help="time the quick pipeline even with --quick")
+    which.add_argument("--no-pipeline", action="store_true", help="skip the quick pipeline (about 10 minutes)")
     args = parser.parse_args(argv)
+    with_pipeline = not args.no_pipeline and (args.pipeline or not args.quick)
     rows = []
-    rows += steer_bench.main(["--n", "32" if args.quick else "64"])
-    rows += train_bench.main(["--steps", "2" if args.quick else "4"])
-    rows += generate_bench.main(["--n", "24" if args.quick else "48"])
-    result = {"meta": machine_meta(), "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    return result
+    # quick: batch 16 < 32 prompts, so refill still has freed slots to fill
+    rows += steer_bench.measure(["--n", "32", "--tokens", "96", "--batch-size", "16"] if args.quick
+                                else ["--n", "64", "--tokens", "256", "--batch-size", "32"])
+    rows += train_bench.measure(["--steps", "2" if args.quick else "4"])
+    rows += generate_bench.measure(["--n", "24" if args.quick else "48"])
+    if with_pipeline:
+        try:
+            rows += pipeline_bench.measure([])
+        except BaseException:
+            emit(rows, args.json)  # keep what was measured, then fail
+            raise
+    return emit(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Times ``esr generate --backend self`` on smollm2-135m against a naive baseline
 measured in the same run: the same kind of work (one steered distraction and one answer
-per transcript) done one prompt at a time with plain HF ``generate``.
+per transcript) done one prompt at a time with plain HF ``generate`` (``engine="hf"``).
+Rows: ``generate_rows_per_min`` (baseline: the naive rate) and ``generate_total_s``.
 
     python -m benchmarks.generate_bench [--n 300] [--json out.json]
 
@@ -16,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import emit, machine_meta
+from benchmarks.report import emit, machine_meta, make_row
 
 
 def naive_seconds_per_transcript(model, tok, cfg, samples: int = 4) -> float:
@@ -36,16 +37,22 @@ def naive_seconds_per_transcript(model, tok, cfg, samples: int = 4) -> float:
     for p, d in zip(prompts, dirs):
         with steer(model, d, cfg.strength):
             generate(model, tok, [p], do_sample=True, temperature=cfg.temperature, max_new_tokens=cfg.distraction_tokens,
-                     repetition_penalty=1.1, seed=0)
-        generate(model, tok, [p], max_new_tokens=cfg.answer_tokens, repetition_penalty=1.1)
+                     repetition_penalty=1.1, seed=0, batch_size=1, engine="hf")
+        generate(model, tok, [p], max_new_tokens=cfg.answer_tokens, repetition_penalty=cfg.answer_repetition_penalty,
+                 batch_size=1, engine="hf")
     return (time.perf_counter() - t0) / samples
 
 
-def main(argv=None) -> list[dict]:
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--json", help="write the rows here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def measure(argv=None) -> list[dict]:
+    """The rows (nothing printed)."""
+    args = parse(argv)
 
     from data_gen.backends.self_backend import SelfBackend, SelfConfig
     from data_gen.builder import GenerateConfig, build_dataset
@@ -56,8 +63,9 @@ def main(argv=None) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="esr-bench-"))
     try:
         backend = SelfBackend(model, tok, cfg.model, SelfConfig(
-            layer=cfg.layer, strength=cfg.strength, distraction_tokens=cfg.distraction_tokens,
-            answer_tokens=cfg.answer_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size), work / ".work")
+            layer=cfg.layer, strength=cfg.strength, schedule=cfg.schedule, distraction_tokens=cfg.distraction_tokens,
+            answer_tokens=cfg.answer_tokens, answer_repetition_penalty=cfg.answer_repetition_penalty,
+            temperature=cfg.temperature, batch_size=cfg.batch_size), work / ".work")
         t0 = time.perf_counter()
         summary = build_dataset(cfg, work, backend_impl=backend)
         ours = time.perf_counter() - t0
@@ -66,13 +74,18 @@ def main(argv=None) -> list[dict]:
     naive = naive_seconds_per_transcript(model, tok, cfg)
     per_min = summary["total"] / ours * 60
     naive_per_min = 60 / naive
-    rows = [
-        {"measure": "generate_self_transcripts_per_min", "value": round(per_min, 2), "unit": "transcripts/min",
-         "baseline": round(naive_per_min, 2), "ratio": round(per_min / naive_per_min, 2)},
-        {"measure": "generate_self_total_s", "value": round(ours, 1), "unit": "s", "rows": summary["total"],
-         "rejected": summary["rejected"]},
+    meta = machine_meta(str(model.dtype))
+    what = f"{summary['total']} rows ({summary['rejected']} rejected), batch {cfg.batch_size}"
+    return [
+        make_row("generate_rows_per_min", round(per_min, 2), "rows/min", meta=meta, baseline=round(naive_per_min, 2),
+                 note=f"esr generate --backend self; {what}; baseline: naive HF generate, one prompt at a time "
+                      "(steered distraction + answer, 4 sampled)"),
+        make_row("generate_total_s", round(ours, 1), "s", meta=meta, note=what),
     ]
-    return emit(machine_meta(str(model.dtype).replace("torch.", "")), rows, args.json)
+
+
+def main(argv=None) -> list[dict]:
+    return emit(measure(argv), parse(argv).json)
 
 
 if __name__ == "__main__":

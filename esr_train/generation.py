@@ -3,6 +3,10 @@
 Prompts are rendered with the model's own chat template (user turn, optional system
 turn) and tokenized *without* extra special tokens, since the templates already hold
 BOS. Batches are left-padded and sorted by length so padding stays small.
+
+``generate`` decodes with ``esr_train.decoding`` by default: finished rows leave the
+batch and waiting prompts take their slots. ``engine="hf"`` runs ``model.generate`` on
+fixed batches instead (the reference the decode loop is tested against).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def generate(
     row_steering: "Sequence | None" = None,
     strength: "float | Sequence[float]" = 0.0,
     schedule: str = "all",
+    engine: str = "decode",
+    refill: bool = True,
 ) -> list[str]:
     """Answer each prompt; returns the decoded new text in the input order.
 
@@ -56,15 +62,26 @@ def generate(
     base-model continuation). ``seed`` makes sampling repeatable for a given batching.
     ``row_steering`` gives each prompt its own direction (or None), applied with
     ``strength`` (one value or one per prompt) and ``schedule``; batches stay mixed.
+    ``engine``: ``"decode"`` (finished rows leave, waiting prompts refill the batch) or
+    ``"hf"`` (``model.generate`` per fixed batch; seeds draw differently between the two).
+    ``refill`` (decode only): waiting prompts take freed slots; ``False`` only drops
+    finished rows and starts the next group when the batch is empty.
     """
     from contextlib import nullcontext
 
     from esr_train.steering import steer_rows
 
+    if engine not in ("decode", "hf"):
+        raise ValueError(f"unknown generate engine {engine!r}; valid: decode, hf")
     if row_steering is not None and len(row_steering) != len(prompts):
         raise ValueError(f"row_steering has {len(row_steering)} entries for {len(prompts)} prompts")
     strengths = [float(strength)] * len(prompts) if isinstance(strength, (int, float)) else list(strength)
     texts = list(prompts) if rendered else [render_prompt(tokenizer, p, system) for p in prompts]
+    if engine == "decode":
+        return _generate_decode(model, tokenizer, texts, row_steering, strengths, schedule=schedule,
+                                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                top_p=top_p, repetition_penalty=repetition_penalty, batch_size=batch_size,
+                                seed=seed, progress=progress, refill=refill)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     outputs: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
@@ -88,4 +105,39 @@ def generate(
         new = out[:, enc["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+    return outputs
+
+
+def _generate_decode(model, tokenizer, texts: list[str], row_steering, strengths: list[float], *, schedule: str,
+                     max_new_tokens: int, do_sample: bool, temperature: float, top_p: float | None,
+                     repetition_penalty: float, batch_size: int, seed: int | None, progress: bool,
+                     refill: bool = True) -> list[str]:
+    """``generate`` on the decode loop. Prompts enter longest first (in tokens), so a row
+    that takes a freed slot never widens the batch; sampling settings the model's own
+    generation_config adds (top_k, a default top_p) apply as they do in ``model.generate``;
+    ``seed`` seeds one generator for the whole run instead of the global RNG per batch."""
+    from contextlib import nullcontext
+
+    from esr_train.decoding import Sampling, stream_decode
+    from esr_train.steering import steer_rows
+
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    config = getattr(model, "generation_config", None)
+    sampling = Sampling(do_sample=do_sample, repetition_penalty=repetition_penalty,
+                        temperature=temperature if do_sample else None,
+                        top_p=(top_p if top_p is not None else getattr(config, "top_p", None)) if do_sample else None,
+                        top_k=getattr(config, "top_k", None) if do_sample else None)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None and do_sample else None
+    outputs: list[str] = [""] * len(texts)
+    ctx = nullcontext() if row_steering is None else steer_rows(
+        model, [row_steering[i] for i in order], [strengths[i] for i in order], schedule=schedule)
+    with ctx as selection, tqdm(total=len(texts), desc="generate", disable=not progress, unit="prompt") as bar:
+        for k, tokens in stream_decode(model, [ids[i] for i in order], max_new_tokens=max_new_tokens,
+                                       sampling=sampling, batch_size=batch_size,
+                                       pad_token_id=tokenizer.pad_token_id, generator=generator,
+                                       steering=selection, refill=refill):
+            outputs[order[k]] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            bar.update(1)
     return outputs

@@ -15,6 +15,11 @@ Schedules:
   diagnostic: does the model recover once steering stops?).
 For the last two the hooks need absolute positions: a pre-hook on the decoder reads them
 from the 2-D attention mask (whose length is past + current tokens in ``generate``).
+
+``steer_rows`` yields a ``RowSelection``: a decode loop that drops finished rows and
+admits new ones (``esr_train.decoding``) tells it which table rows the batch holds and
+where each row's prompt ends, so pushes and schedules follow the rows. Callers that
+ignore it (``with steer_rows(...):``) get the behaviour above unchanged.
 """
 
 from __future__ import annotations
@@ -83,12 +88,48 @@ class _PositionTracker:
 
     def mask(self, schedule: Schedule, device, dtype) -> torch.Tensor:
         pos = torch.arange(self.start, self.start + self.length, device=device)
-        prompt = self.prompt_length or 0
-        if schedule.mode == "generated":
-            keep = pos >= prompt
-        else:  # window: the prompt plus the first N generated tokens
-            keep = pos < prompt + schedule.first_n
-        return keep.to(dtype).view(1, -1, 1)
+        return _keep(schedule, pos, self.prompt_length or 0).to(dtype).view(1, -1, 1)
+
+
+def _keep(schedule: Schedule, pos: torch.Tensor, prompt) -> torch.Tensor:
+    """Whether each position gets the push under ``schedule``; one rule for the shared
+    tracker and for per-row offsets, so both paths agree on every boundary."""
+    if schedule.mode == "generated":
+        return pos >= prompt
+    return pos < prompt + schedule.first_n  # window: the prompt plus the first N generated tokens
+
+
+class RowSelection:
+    """The live link between a ``steer_rows`` table and a batch whose rows change.
+
+    A decode loop that drops finished rows (and admits waiting ones) cannot keep the
+    table's row order, so before each forward pass it calls ``update``: ``index`` ([B],
+    which table row each batch row is) and ``offset`` ([B], where the pass's first token
+    sits relative to that row's prompt end: negative inside the prompt, ``k - 1`` when it
+    feeds the k-th generated token). With ``offset`` set, schedules are decided per row,
+    so rows whose prompts ended at different steps are treated correctly. Both start as
+    None: the table is used as is and positions come from the shared tracker."""
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None
+        self.offset: torch.Tensor | None = None
+
+    def update(self, index: "torch.Tensor | None", offset: "torch.Tensor | None" = None) -> None:
+        """Point the hooks at the rows of the next forward pass."""
+        if index is not None and offset is not None and len(index) != len(offset):
+            raise ValueError(f"RowSelection: {len(index)} rows but {len(offset)} offsets")
+        self.index, self.offset = index, offset
+
+    def take(self, table: torch.Tensor) -> torch.Tensor:
+        """The pushes ([B, 1, D]) of the batch's rows, in batch order."""
+        if self.index is None or table.dim() != 3:
+            return table
+        return table.index_select(0, self.index.to(table.device))
+
+    def mask(self, schedule: Schedule, length: int, device, dtype) -> torch.Tensor:
+        """[B, T, 1]: 1 where a row's token gets the push under ``schedule``."""
+        pos = self.offset.to(device)[:, None] + torch.arange(length, device=device)[None, :]
+        return _keep(schedule, pos, 0).to(dtype)[..., None]
 
 
 def _as_pairs(directions, strength) -> list[tuple[SteeringDirection, float]]:
@@ -146,10 +187,12 @@ def steer_rows(
     unit: str = "norm",
     schedule: "str | Schedule" = "all",
     positions: "torch.Tensor | None" = None,
-) -> Iterator[None]:
+) -> Iterator[RowSelection]:
     """Per-sequence steering for one batch: row ``i`` of every forward pass gets
     ``strength[i] x rows[i]`` (``None``: no push), so trials toward different concepts
-    share one batched ``generate``. The batch must be in the same order as ``rows``.
+    share one batched ``generate``. The batch must be in the same order as ``rows``,
+    unless the caller re-indexes it through the yielded ``RowSelection`` (a decode loop
+    that drops and adds rows; ``rows`` may then cover more prompts than one batch).
 
     ``positions`` ([B, T], 1 where the push applies) limits the push to some tokens of a
     full-sequence pass (training: push the context up to the restart, not the answer);
@@ -165,15 +208,18 @@ def steer_rows(
             if layer not in per_layer:
                 per_layer[layer] = torch.zeros(len(rows), vec.numel())
             per_layer[layer][i] += vec
-    with _installed(model, {layer: m[:, None, :] for layer, m in per_layer.items()}, schedule, positions):
-        yield
+    selection = RowSelection()
+    with _installed(model, {layer: m[:, None, :] for layer, m in per_layer.items()}, schedule, positions,
+                    selection):
+        yield selection
 
 
 @contextmanager
 def _installed(model, per_layer: dict[int, torch.Tensor], schedule: "str | Schedule",
-               positions: "torch.Tensor | None" = None) -> Iterator[None]:
+               positions: "torch.Tensor | None" = None, selection: "RowSelection | None" = None) -> Iterator[None]:
     """Register the hooks that add ``per_layer[L]`` (shape [D], or [B, 1, D] per row) to
-    layer L's output, times ``positions[..., None]`` when given; registration completes
+    layer L's output, times ``positions[..., None]`` when given; ``selection`` picks and
+    places the per-row pushes when the batch is not the table. Registration completes
     before ``try``, removal is in ``finally``."""
     sched = Schedule.parse(schedule)
     layers = decoder_layers(model)
@@ -188,10 +234,12 @@ def _installed(model, per_layer: dict[int, torch.Tensor], schedule: "str | Sched
             key = (hidden.device, hidden.dtype)
             if key not in cast:
                 cast[key] = vec.to(device=hidden.device, dtype=hidden.dtype)
-            push = cast[key]
+            push = cast[key] if selection is None else selection.take(cast[key])
             if push.dim() == 3 and push.shape[0] != hidden.shape[0]:
                 raise ValueError(f"per-row steering for {push.shape[0]} rows met a batch of {hidden.shape[0]}")
-            if tracker is not None:
+            if selection is not None and selection.offset is not None and sched.mode != "all":
+                push = push * selection.mask(sched, hidden.shape[1], hidden.device, hidden.dtype)
+            elif tracker is not None:
                 push = push * tracker.mask(sched, hidden.device, hidden.dtype)
             if positions is not None:
                 if tuple(positions.shape) != tuple(hidden.shape[:2]):

@@ -89,6 +89,17 @@ def test_batched_steered_generation_equals_one_prompt_at_a_time(smollm, volcano)
     assert batched == single
 
 
+def test_decode_loop_equals_hf_generate_on_the_real_model(smollm, volcano):
+    """The default engine (finished rows leave, waiting prompts refill the batch) gives the
+    same greedy answers as plain ``model.generate`` on SmolLM2, steered and per row."""
+    model, tok = smollm
+    prompts = ["How do you boil an egg?", "Explain how to plan a weekly budget for a family of four.", "Hi",
+               "How do you fold a fitted sheet?", "Name three primary colours."]
+    rows = [volcano, None, volcano, volcano, None]
+    kw = dict(max_new_tokens=24, batch_size=2, repetition_penalty=1.1, row_steering=rows, strength=0.3)
+    assert generate(model, tok, prompts, **kw) == generate(model, tok, prompts, engine="hf", **kw)
+
+
 def test_sae_round_trip_steers_smollm(smollm, volcano, tmp_path):
     """Build a small sae-lens SAE on SmolLM2's layer-15 width, save it, load it back
     through esr, and steer with one latent."""

@@ -1,0 +1,306 @@
+"""A decode loop that keeps the batch full of unfinished rows.
+
+``model.generate`` runs a left-padded batch until its longest answer ends: rows that
+already emitted EOS keep paying for a forward pass every step. ``stream_decode`` runs its
+own loop on the model's ``DynamicCache`` instead. After each step it drops the rows that
+finished (``Cache.batch_select_indices``) and, with ``refill=True``, prefills the next
+waiting prompts and joins them to the running batch, so the batch stays at
+``batch_size`` rows until the queue is empty. Columns that are padding in every row are
+cut off the front, so the cache does not grow with the number of refills.
+
+What stays equal to ``model.generate`` (greedy runs give the same tokens): left padding,
+the 2-D attention mask, position ids counted from each row's first real token (a row's
+positions never change when others join or leave), transformers' own logits processors
+(repetition penalty with the left padding ignored, temperature, top-k, top-p), EOS ids
+from ``model.generation_config`` (one or a list), ``max_new_tokens`` per row. Sampling
+draws from ``generator`` (or the global RNG); with a different batch make-up than
+``generate`` it draws different numbers, so sampled text is repeatable, not identical.
+
+Steering: pass the ``RowSelection`` that ``steering.steer_rows`` yields for a table with
+one row per prompt (same order as ``prompts``); before every forward pass the loop tells
+it which prompts the batch holds and where each row's prompt ended, so pushes and the
+``generated`` / ``prompt+first:N`` schedules follow the rows.
+
+Cache surgery for refill touches only the two layer types of ``DynamicCache`` used by
+Llama and Gemma (full and sliding-window); other cache layouts fall back to dropping rows
+without refill, which needs only ``batch_select_indices``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: the knobs ``generation.generate`` exposes, plus
+    ``top_k`` so a model's own ``generation_config`` can be honoured as generate does."""
+
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+
+    def processors(self, pad: torch.Tensor) -> LogitsProcessorList:
+        """transformers' processors in the order ``model.generate`` builds them; ``pad``
+        (left padding per row) keeps pad tokens out of the penalty, as generate does."""
+        procs = LogitsProcessorList()
+        if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty), prompt_ignore_length=pad))
+        if self.do_sample:
+            if self.temperature is not None and self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p is not None and self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+@dataclass
+class _Rows:
+    """The running batch: every per-row tensor that must be re-indexed together when rows
+    leave or join. ``ids``/``mask`` hold exactly the tokens in ``cache`` (left-padded);
+    ``logits`` predict each row's next token."""
+
+    ids: torch.Tensor     # [B, T] tokens in the cache (the repetition penalty reads them)
+    mask: torch.Tensor    # [B, T] 1 on real tokens
+    pos: torch.Tensor     # [B] position id of the next token fed
+    pad: torch.Tensor     # [B] left padding of each row
+    owner: torch.Tensor   # [B] index of the row's prompt in the caller's list
+    steps: torch.Tensor   # [B] tokens generated so far
+    cache: DynamicCache
+    logits: torch.Tensor  # [B, V] float32
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+class _Model:
+    """The model plus what every forward pass needs: the steering selection to update and
+    whether the head can skip the prompt's logits (``logits_to_keep``, as generate does)."""
+
+    def __init__(self, model, steering=None) -> None:
+        self.model = model
+        self.steering = steering
+        self.device = next(model.parameters()).device
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT hides the signature
+        self.keep_one = "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+    def forward(self, ids, mask, positions, cache, owner, offset) -> torch.Tensor:
+        """One pass; returns the float32 logits of the last position of every row."""
+        if self.steering is not None:
+            self.steering.update(owner, offset)
+        extra = {"logits_to_keep": 1} if self.keep_one else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, **extra)
+        return out.logits[:, -1].to(dtype=torch.float32, copy=True)
+
+
+def _prefill(m: _Model, prompts: Sequence[Sequence[int]], owners: Sequence[int], pad_id: int) -> _Rows:
+    """Left-pad ``prompts`` into a fresh cache; positions count from each first real token
+    (``cumsum - 1``, pads at 0), the ids ``generate`` derives from the attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=m.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=m.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=m.model.config)
+    owner = torch.tensor(list(owners), device=m.device)
+    logits = m.forward(ids, mask, positions, cache, owner, torch.full_like(owner, -width))
+    lengths = mask.sum(-1)
+    return _Rows(ids=ids, mask=mask, pos=lengths, pad=width - lengths, owner=owner,
+                 steps=torch.zeros_like(owner), cache=cache, logits=logits)
+
+
+def _feed(m: _Model, rows: _Rows, tokens: torch.Tensor) -> None:
+    """Append each row's chosen token and run it through the model (one decode step)."""
+    rows.ids = torch.cat([rows.ids, tokens[:, None]], dim=-1)
+    rows.mask = F.pad(rows.mask, (0, 1), value=1)
+    # the token fed is the steps-th generated one: offset steps - 1 from the prompt end
+    rows.logits = m.forward(tokens[:, None], rows.mask, rows.pos[:, None], rows.cache, rows.owner, rows.steps - 1)
+    rows.pos = rows.pos + 1
+
+
+def _select(rows: _Rows, keep: torch.Tensor) -> _Rows:
+    """Only the rows in ``keep`` (indices), cache included."""
+    rows.cache.batch_select_indices(keep)
+    return _Rows(ids=rows.ids[keep], mask=rows.mask[keep], pos=rows.pos[keep], pad=rows.pad[keep],
+                 owner=rows.owner[keep], steps=rows.steps[keep], cache=rows.cache, logits=rows.logits[keep])
+
+
+# --------------------------------------------------------------------------- cache surgery
+# DynamicLayer keeps [B, H, T, d]; DynamicSlidingWindowLayer keeps the last
+# min(T, window - 1) columns and counts T in ``cumulative_length``. Padding and trimming
+# move the front edge of every row by the same number of masked columns, so the masks,
+# the sliding windows (index distances) and every row's positions stay valid.
+
+def _can_resize(cache: DynamicCache) -> bool:
+    """Whether every layer is one whose columns this module knows how to add and cut."""
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.is_initialized
+               for layer in cache.layers)
+
+
+def _resize_front(cache: DynamicCache, change: int) -> None:
+    """Add ``change`` empty columns in front of every row (negative: cut ``-change``)."""
+    for layer in cache.layers:
+        held = layer.keys.shape[-2]
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length += change
+            target = min(layer.cumulative_length, layer.sliding_window - 1)
+        else:
+            target = held + change
+        if target > held:
+            layer.keys = F.pad(layer.keys, (0, 0, target - held, 0))
+            layer.values = F.pad(layer.values, (0, 0, target - held, 0))
+        elif target < held:
+            layer.keys = layer.keys[:, :, held - target:]
+            layer.values = layer.values[:, :, held - target:]
+
+
+def _widen(rows: _Rows, width: int, pad_id: int) -> None:
+    """Left-pad the batch to ``width`` columns (a joining batch with longer prompts)."""
+    extra = width - rows.ids.shape[1]
+    if extra > 0:
+        rows.ids = F.pad(rows.ids, (extra, 0), value=pad_id)
+        rows.mask = F.pad(rows.mask, (extra, 0), value=0)
+        rows.pad = rows.pad + extra
+        _resize_front(rows.cache, extra)
+
+
+def _join(a: _Rows, b: _Rows, pad_id: int) -> _Rows:
+    """One batch holding the rows of ``a`` then ``b``: both padded to the same width, then
+    the cache layers concatenated along the batch."""
+    width = max(a.ids.shape[1], b.ids.shape[1])
+    _widen(a, width, pad_id)
+    _widen(b, width, pad_id)
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        la.keys = torch.cat([la.keys, lb.keys])
+        la.values = torch.cat([la.values, lb.values])
+    return _Rows(*(torch.cat([getattr(a, f), getattr(b, f)]) for f in ("ids", "mask", "pos", "pad", "owner", "steps")),
+                 cache=a.cache, logits=torch.cat([a.logits, b.logits]))
+
+
+def _trim(rows: _Rows) -> None:
+    """Cut the front columns that are padding in every row (left by rows that left), so
+    attention and memory follow the live rows, not the batch's history."""
+    cut = int(rows.pad.min())
+    if cut > 0:
+        rows.ids, rows.mask, rows.pad = rows.ids[:, cut:], rows.mask[:, cut:], rows.pad - cut
+        _resize_front(rows.cache, -cut)
+
+
+# --------------------------------------------------------------------------- the loop
+
+def _choose(rows: _Rows, sampling: Sampling, generator) -> torch.Tensor:
+    """The next token of every row, as ``generate``'s greedy / multinomial step."""
+    scores = sampling.processors(rows.pad)(rows.ids, rows.logits)
+    if sampling.do_sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+    return scores.argmax(dim=-1)
+
+
+def _special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+    """EOS ids (the model's generation_config unless given; a list is allowed) and the pad
+    id, falling back to the first EOS as ``generate`` does."""
+    config = getattr(model, "generation_config", None)
+    eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+    eos = [] if eos is None else [int(e) for e in ([eos] if isinstance(eos, int) else eos)]
+    pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return eos, int(pad)
+
+
+@torch.inference_mode()
+def stream_decode(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    sampling: Sampling = Sampling(),
+    batch_size: int = 16,
+    eos_token_id: "int | Sequence[int] | None" = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    steering=None,
+    refill: bool = True,
+) -> Iterator[tuple[int, list[int]]]:
+    """Decode token-id ``prompts`` (no padding) at most ``batch_size`` at a time; yields
+    ``(prompt index, new token ids)`` as each row finishes (EOS included when emitted).
+
+    Prompts enter in the given order (longest first keeps the padding small: a joining
+    row then never widens the batch). ``refill=False`` only drops finished rows and
+    starts the next group when the batch is empty. ``steering`` is the ``RowSelection``
+    from ``steer_rows`` over one row per prompt."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("stream_decode: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        yield from ((i, []) for i in range(len(prompts)))
+        return
+    eos_ids, pad_id = _special_ids(model, eos_token_id, pad_token_id)
+    m = _Model(model, steering)
+    try:
+        yield from _loop(m, prompts, max_new_tokens, sampling, batch_size, eos_ids, pad_id, generator, refill)
+    finally:
+        if steering is not None:  # later passes in the same steer_rows block see the plain table again
+            steering.update(None, None)
+
+
+def _loop(m: _Model, prompts, max_new_tokens: int, sampling: Sampling, batch_size: int, eos_ids: list[int],
+          pad_id: int, generator, refill: bool) -> Iterator[tuple[int, list[int]]]:
+    """The loop of ``stream_decode``: admit prompts into free slots, pick a token per row,
+    hand back finished rows, drop them, feed the rest."""
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=m.device)
+    waiting = 0
+    rows: _Rows | None = None
+    resizable = True
+    while rows is not None or waiting < len(prompts):
+        free = batch_size - (len(rows) if rows is not None else 0)
+        if waiting < len(prompts) and free > 0 and (rows is None or (refill and resizable)):
+            take = range(waiting, min(waiting + free, len(prompts)))
+            new = _prefill(m, [prompts[i] for i in take], take, pad_id)
+            resizable = resizable and _can_resize(new.cache)
+            rows = new if rows is None else _join(rows, new, pad_id)
+            waiting = take.stop
+            if resizable:
+                _trim(rows)
+        tokens = _choose(rows, sampling, generator)
+        rows.steps = rows.steps + 1
+        done = torch.isin(tokens, eos) | (rows.steps >= max_new_tokens)
+        if bool(done.any()):
+            for b in done.nonzero().flatten().tolist():
+                fed = int(rows.steps[b]) - 1
+                yield int(rows.owner[b]), rows.ids[b, rows.ids.shape[1] - fed:].tolist() + [int(tokens[b])]
+            keep = (~done).nonzero().flatten()
+            if len(keep) == 0:
+                rows = None
+                continue
+            rows, tokens = _select(rows, keep), tokens[keep]
+            if resizable:
+                _trim(rows)
+        _feed(m, rows, tokens)
+
+
+def decode(model, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
+    """``stream_decode`` collected in the order of ``prompts``."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for index, tokens in stream_decode(model, prompts, **kwargs):
+        out[index] = tokens
+    return out
