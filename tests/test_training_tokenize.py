@@ -96,6 +96,24 @@ def test_normal_row_trains_whole_answer(tok):
     assert out["answer_start"] == len(out["labels"]) - len(kept)
 
 
+def test_answer_loss_tokens_keeps_the_restart_and_the_answer_start(tok):
+    """answer_tokens=N trains the restart and N answer tokens, and the row ends there (no
+    end-of-turn: the answer was cut); N above the answer's length changes nothing."""
+    full = tokenize_row(SC_ROW, tok, max_length=512)
+    out = tokenize_row(SC_ROW, tok, max_length=512, answer_tokens=3)
+    start = out["answer_start"]
+    assert start == full["answer_start"] and out["input_ids"] == full["input_ids"][:start + 3]
+    assert out["labels"] == full["labels"][:start + 3] and out["n_loss_tokens"] == full["n_loss_tokens"] - (
+        len(full["input_ids"]) - start - 3)
+    assert tokenize_row(SC_ROW, tok, max_length=512, answer_tokens=10_000) == full
+    normal = tokenize_row(NORMAL_ROW, tok, max_length=512, answer_tokens=2)
+    assert normal["n_loss_tokens"] == 2 and normal["labels"][-2:] == normal["input_ids"][-2:]
+    assert tokenize_row(NORMAL_ROW, tok, max_length=512, answer_tokens=0) is None
+    # normal rows may keep a longer window than the self-correction answers
+    assert tokenize_row(NORMAL_ROW, tok, max_length=512, answer_tokens=0, normal_tokens=10_000) == \
+        tokenize_row(NORMAL_ROW, tok, max_length=512)
+
+
 def test_bos_never_doubled(tok):
     ids = tokenize_row(SC_ROW, tok, max_length=512)["input_ids"]
     if tok.esr_name == "gemma3-270m":

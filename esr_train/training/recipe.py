@@ -47,7 +47,15 @@ class TrainExtras:
     steer_span: str = field(default="all", metadata={
         "help": "all: push the whole self-correction row; until_answer: push prompt, distraction and restart only"})
 
+    answer_loss_tokens: int | None = field(default=None, metadata={
+        "help": "train only the restart and the answer's first N tokens (null: the whole answer)"})
+    normal_loss_tokens: int | None = field(default=None, metadata={
+        "help": "for normal rows, train the answer's first N tokens (null: as answer_loss_tokens)"})
+
     def __post_init__(self) -> None:
+        for name in ("answer_loss_tokens", "normal_loss_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise RecipeError(f"train.{name} must be >= 0 or null, got {getattr(self, name)}")
         if self.steer_span not in ("all", "until_answer"):
             raise RecipeError(f"train.steer_span must be all or until_answer, got {self.steer_span!r}")
 

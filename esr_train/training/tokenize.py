@@ -83,6 +83,8 @@ def tokenize_row(
     max_length: int,
     system: str | None = None,
     eot: list[int] | None = None,
+    answer_tokens: int | None = None,
+    normal_tokens: int | None = None,
 ) -> dict[str, Any] | None:
     """One row -> {"input_ids", "attention_mask", "labels", "n_loss_tokens", "answer_start"},
     or None when the row is longer than ``max_length`` or would train on nothing.
@@ -90,6 +92,10 @@ def tokenize_row(
     start of the assistant text for normal rows).
 
     ``eot`` (from ``end_of_turn_ids``) may be passed to skip re-probing the template.
+    ``answer_tokens=N`` trains only the restart and the answer's first N tokens (normal
+    rows: the first N, or ``normal_tokens`` when given); the sequence ends there, since later
+    tokens cannot change the loss of earlier ones. Training the whole answer also sharpens the model's own answers, which
+    makes it resist the push instead of drifting and restarting (R6 in docs/results.md).
     """
     kind = row.get("kind") or "normal"
     answer = (row.get("answer") or "").strip()
@@ -98,21 +104,25 @@ def tokenize_row(
         if not distraction or not restart:
             raise ValueError("self_correction row needs a distraction and a restart")
         masked_text, trained_texts = distraction, [" " + restart, " " + answer if answer else ""]
-        n_restart = len(_encode(tokenizer, trained_texts[0]))
     elif kind == "normal":
-        masked_text, trained_texts, n_restart = "", [answer], 0
+        masked_text, trained_texts = "", ["", answer]
     else:
         raise ValueError(f"unknown row kind {kind!r}")
 
     prompt_text = render_prompt(tokenizer, row["prompt"], system)
     prompt_ids = _encode(tokenizer, prompt_text)
     masked_ids = _encode(tokenizer, masked_text)
-    trained_ids = [i for t in trained_texts for i in _encode(tokenizer, t)]
-    for text, ids in ((prompt_text, prompt_ids), (masked_text, masked_ids), ("".join(trained_texts), trained_ids)):
+    restart_ids, answer_ids = (_encode(tokenizer, t) for t in trained_texts)
+    for text, ids in ((prompt_text, prompt_ids), (masked_text, masked_ids), ("".join(trained_texts), restart_ids + answer_ids)):
         _check_no_added_bos(tokenizer, text, ids)
+    limit = normal_tokens if kind == "normal" and normal_tokens is not None else answer_tokens
+    cut = limit is not None and len(answer_ids) > limit
+    trained_ids = restart_ids + (answer_ids[:limit] if cut else answer_ids)
     if not trained_ids:
         return None
-    trained_ids += end_of_turn_ids(tokenizer) if eot is None else eot
+    if not cut:
+        trained_ids += end_of_turn_ids(tokenizer) if eot is None else eot
+    n_restart = len(restart_ids)
 
     input_ids = prompt_ids + masked_ids + trained_ids
     if len(input_ids) > max_length:
@@ -122,22 +132,25 @@ def tokenize_row(
             "n_loss_tokens": len(trained_ids), "answer_start": len(prompt_ids) + len(masked_ids) + n_restart}
 
 
-def _map_row(row: dict[str, Any], tokenizer, max_length: int, system: str | None, eot: list[int]) -> dict[str, Any]:
+def _map_row(row: dict[str, Any], tokenizer, max_length: int, system: str | None, eot: list[int],
+             answer_tokens: int | None = None, normal_tokens: int | None = None) -> dict[str, Any]:
     """``Dataset.map`` cannot drop rows, so a status column records why a row goes."""
-    out = tokenize_row(row, tokenizer, max_length, system, eot)
+    out = tokenize_row(row, tokenizer, max_length, system, eot, answer_tokens, normal_tokens)
     if out is not None:
         return {**out, "_status": "ok"}
     # tell the two reasons apart: a row that fits but trains nothing vs. one that is too long
-    status = "no_loss" if tokenize_row(row, tokenizer, 10**9, system, eot) is None else "too_long"
+    status = "no_loss" if tokenize_row(row, tokenizer, 10**9, system, eot, answer_tokens,
+                                       normal_tokens) is None else "too_long"
     return {"input_ids": [], "attention_mask": [], "labels": [], "n_loss_tokens": 0, "answer_start": 0,
             "_status": status}
 
 
-def _fingerprint(ds: "datasets.Dataset", tokenizer, max_length: int, system: str | None, eot: list[int]) -> str:
+def _fingerprint(ds: "datasets.Dataset", tokenizer, max_length: int, system: str | None, eot: list[int],
+                 answer_tokens: int | None = None, normal_tokens: int | None = None) -> str:
     """A cheap cache key for ``Dataset.map``: by default datasets dill-hashes the whole
     tokenizer (about 10 s for Gemma's 262k vocabulary) on every call."""
     key = [getattr(ds, "_fingerprint", None), tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template,
-           max_length, system, eot, _FORMAT]
+           max_length, system, eot, answer_tokens, normal_tokens, _FORMAT]
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
 
 
@@ -149,6 +162,8 @@ def tokenize_dataset(
     num_proc: int = 1,
     extra_columns: dict[str, list] | None = None,
     keep: tuple[str, ...] = (),
+    answer_tokens: int | None = None,
+    normal_tokens: int | None = None,
 ) -> tuple["datasets.Dataset", dict[str, int]]:
     """Tokenize and mask every row; returns (dataset with input_ids / attention_mask /
     labels, plus the ``keep`` columns of ``tokenize_row`` such as ``answer_start``, stats).
@@ -161,10 +176,11 @@ def tokenize_dataset(
                          "_status": Value("string")})
     mapped = ds.map(
         _map_row,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "system": system, "eot": eot},
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "system": system, "eot": eot,
+                   "answer_tokens": answer_tokens, "normal_tokens": normal_tokens},
         remove_columns=ds.column_names,
         features=features,
-        new_fingerprint=_fingerprint(ds, tokenizer, max_length, system, eot),
+        new_fingerprint=_fingerprint(ds, tokenizer, max_length, system, eot, answer_tokens, normal_tokens),
         num_proc=num_proc if num_proc > 1 else None,
         desc="tokenize",
     )

@@ -118,13 +118,17 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         steer_cols = {split: {STEER_COLUMN: row_steer_ids(ds[split], subjects)} for split in ds}
     keep = ("answer_start",) if extras.steer_strength and extras.steer_span != "all" else ()
     train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, system=extras.system_prompt,
-                                             extra_columns=steer_cols.get("train"), keep=keep)
+                                             extra_columns=steer_cols.get("train"), keep=keep,
+                                             answer_tokens=extras.answer_loss_tokens,
+                                             normal_tokens=extras.normal_loss_tokens)
     if len(train_ds) == 0:
         raise TrainError(f"no training rows left after tokenization ({train_stats}); raise max_length")
     eval_ds, eval_stats = (None, None)
     if extras.eval_split and extras.eval_split in ds and len(ds[extras.eval_split]):
         eval_ds, eval_stats = tokenize_dataset(ds[extras.eval_split], tok, max_length, system=extras.system_prompt,
-                                               extra_columns=steer_cols.get(extras.eval_split), keep=keep)
+                                               extra_columns=steer_cols.get(extras.eval_split), keep=keep,
+                                               answer_tokens=extras.answer_loss_tokens,
+                                             normal_tokens=extras.normal_loss_tokens)
         sft_kwargs.setdefault("eval_strategy", "steps")
         sft_kwargs.setdefault("eval_steps", sft_kwargs.get("save_steps", 50))
     sft_kwargs.setdefault("bf16", dtype == torch.bfloat16)
@@ -177,7 +181,8 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "tokens_per_s": round(tokens / wall, 1) if tokens and wall else None,
         "first_train_loss": losses[0] if losses else None, "final_train_loss": losses[-1] if losses else None,
         "train_loss_mean": result.training_loss, "final_eval_loss": final_eval.get("eval_loss"),
-        "tokenize": {"train": train_stats, "eval": eval_stats},
+        "tokenize": {"train": train_stats, "eval": eval_stats}, "answer_loss_tokens": extras.answer_loss_tokens,
+        "normal_loss_tokens": extras.normal_loss_tokens,
         "dataset": dataset_fingerprint(data_path, ds), "resumed_from": Path(last).name if resume and last else None,
         "lora": {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_kwargs.items()},
         "steering": {"strength": extras.steer_strength, "schedule": extras.steer_schedule, "span": extras.steer_span,
