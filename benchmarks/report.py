@@ -17,6 +17,9 @@ ROW_KEYS = ("measure", "value", "unit", "baseline", "ratio", "ceiling", "share_o
 COLUMNS = (("measure", "measure"), ("value", "value"), ("unit", "unit"), ("baseline", "baseline"),
            ("ratio", "ratio"), ("ceiling", "ceiling"), ("share_of_ceiling", "share"), ("note", "note"))
 NOTE_WIDTH = 72
+GFLOP_PER_TOKEN = 0.27
+"""Forward FLOPs per token of smollm2-135m (about 2 x its parameter count): the ceilings'
+denominator in every benchmark."""
 
 
 def machine_meta(dtype: str | None = None) -> dict:

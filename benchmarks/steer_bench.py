@@ -26,9 +26,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.report import emit, machine_meta, make_row
+from benchmarks.report import GFLOP_PER_TOKEN, emit, machine_meta, make_row
 
-GFLOP_PER_TOKEN = 0.27
 STRENGTH = 0.3
 OVERHEAD_LIMIT = 0.05  # the spec's limit, the baseline of the steering_overhead row
 

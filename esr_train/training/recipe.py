@@ -33,6 +33,10 @@ class ModelSection:
             raise RecipeError(f"model.quantization must be 4bit, 8bit or null, got {self.quantization!r}")
 
 
+STEER_SPANS = ("all", "until_answer")
+"""Which tokens of a self-correction row the training push covers (``train.steer_span``)."""
+
+
 @dataclass
 class TrainExtras:
     """esr-train's own training keys (everything else belongs to SFTConfig / LoraConfig)."""
@@ -56,8 +60,8 @@ class TrainExtras:
         for name in ("answer_loss_tokens", "normal_loss_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise RecipeError(f"train.{name} must be >= 0 or null, got {getattr(self, name)}")
-        if self.steer_span not in ("all", "until_answer"):
-            raise RecipeError(f"train.steer_span must be all or until_answer, got {self.steer_span!r}")
+        if self.steer_span not in STEER_SPANS:
+            raise RecipeError(f"train.steer_span must be one of {', '.join(STEER_SPANS)}, got {self.steer_span!r}")
 
 
 # defaults that differ from SFTConfig's, chosen for small CPU runs; a recipe overrides any

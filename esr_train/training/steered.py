@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 from trl import SFTTrainer
 
+from esr_train.training.recipe import STEER_SPANS
+
 STEER_COLUMN = "esr_steer"
 """Dataset column: index of the row's direction, -1 for rows trained without a push."""
 SPAN_COLUMN = "answer_start"
 """Dataset column (from ``tokenize_row``): where the answer begins, after the restart."""
-SPANS = ("all", "until_answer")
 
 
 @dataclass
@@ -32,8 +33,8 @@ class TrainSteering:
     push but not to cancel it while answering (which teaches immunity instead: R4)."""
 
     def __post_init__(self) -> None:
-        if self.span not in SPANS:
-            raise ValueError(f"steer_span must be one of {', '.join(SPANS)}, got {self.span!r}")
+        if self.span not in STEER_SPANS:
+            raise ValueError(f"steer_span must be one of {', '.join(STEER_SPANS)}, got {self.span!r}")
 
     def rows(self, ids) -> list:
         return [self.directions[i] if i >= 0 else None for i in ids.tolist()]

@@ -94,8 +94,9 @@ def tokenize_row(
     ``eot`` (from ``end_of_turn_ids``) may be passed to skip re-probing the template.
     ``answer_tokens=N`` trains only the restart and the answer's first N tokens (normal
     rows: the first N, or ``normal_tokens`` when given); the sequence ends there, since later
-    tokens cannot change the loss of earlier ones. Training the whole answer also sharpens the model's own answers, which
-    makes it resist the push instead of drifting and restarting (R6 in docs/results.md).
+    tokens cannot change the loss of earlier ones. Training the whole answer also sharpens
+    the model's own answers, which makes it resist the push instead of drifting and
+    restarting (R6 in docs/results.md).
     """
     kind = row.get("kind") or "normal"
     answer = (row.get("answer") or "").strip()
@@ -122,14 +123,13 @@ def tokenize_row(
         return None
     if not cut:
         trained_ids += end_of_turn_ids(tokenizer) if eot is None else eot
-    n_restart = len(restart_ids)
 
     input_ids = prompt_ids + masked_ids + trained_ids
     if len(input_ids) > max_length:
         return None
     labels = [IGNORE] * (len(prompt_ids) + len(masked_ids)) + trained_ids
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
-            "n_loss_tokens": len(trained_ids), "answer_start": len(prompt_ids) + len(masked_ids) + n_restart}
+            "n_loss_tokens": len(trained_ids), "answer_start": len(prompt_ids) + len(masked_ids) + len(restart_ids)}
 
 
 def _map_row(row: dict[str, Any], tokenizer, max_length: int, system: str | None, eot: list[int],

@@ -111,12 +111,13 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     max_length = int(sft_kwargs.get("max_length") or 512)
     steer_cols: dict[str, dict] = {}
     subjects: list[str] = []
+    keep: tuple[str, ...] = ()
     if extras.steer_strength:
-        from esr_train.training.steered import STEER_COLUMN, row_steer_ids, steer_subjects
+        from esr_train.training.steered import SPAN_COLUMN, STEER_COLUMN, row_steer_ids, steer_subjects
 
         subjects = steer_subjects([r for split in ds for r in ds[split]])
         steer_cols = {split: {STEER_COLUMN: row_steer_ids(ds[split], subjects)} for split in ds}
-    keep = ("answer_start",) if extras.steer_strength and extras.steer_span != "all" else ()
+        keep = (SPAN_COLUMN,) if extras.steer_span != "all" else ()
     train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, system=extras.system_prompt,
                                              extra_columns=steer_cols.get("train"), keep=keep,
                                              answer_tokens=extras.answer_loss_tokens,
