@@ -75,8 +75,10 @@ def measure(argv=None) -> list[dict]:
                           f"baseline: the {TARGET_S:.0f} s target (ratio <= 1 passes)")]
     rows += [make_row(f"{name}_pipeline_{stage}_s", s, "s", meta=meta, note=f"stage {stage} of {name}_pipeline_s")
              for stage, s in seconds.items()]
+    marks = ", ".join(f"{stage} {info['peak_rss_mib']:.0f}" for stage, info in stages.items() if "peak_rss_mib" in info)
     rows.append(make_row(f"{name}_pipeline_peak_rss_mb", round(rss, 1), "MiB", meta=meta,
-                         note="ru_maxrss of the pipeline process (largest single process, not a sum)"))
+                         note="ru_maxrss of the pipeline process (largest single process, not a sum)"
+                              + (f"; high-water mark after each stage (MiB): {marks}" if marks else "")))
     return rows
 
 

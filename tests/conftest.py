@@ -13,13 +13,14 @@ import torch
 SHARED = Path(os.environ.get("ESR_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 
 
-def tiny_llama():
+def tiny_llama(**config):
+    """``config`` overrides the defaults (e.g. ``vocab_size`` to match a tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**{**dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2), **config})
     return LlamaForCausalLM(cfg).eval()
 
 
