@@ -13,8 +13,12 @@ the 2-D attention mask, position ids counted from each row's first real token (a
 positions never change when others join or leave), transformers' own logits processors
 (repetition penalty with the left padding ignored, temperature, top-k, top-p), EOS ids
 from ``model.generation_config`` (one or a list), ``max_new_tokens`` per row. Sampling
-draws from ``generator`` (or the global RNG); with a different batch make-up than
-``generate`` it draws different numbers, so sampled text is repeatable, not identical.
+draws from ``generator`` (or the global RNG) by inverse CDF (:func:`sample_rows`, the
+same distribution as ``generate``'s ``torch.multinomial``, about ten times cheaper on a
+CPU), so sampled text is repeatable, not identical to ``generate``'s.
+
+The cache's full-attention layers are :class:`_InPlaceLayer`: a decode step writes its
+key/value column into spare room instead of concatenating the whole cache anew.
 
 Steering: pass the ``RowSelection`` that ``steering.steer_rows`` yields for a table with
 one row per prompt (same order as ``prompts``); before every forward pass the loop tells
@@ -119,7 +123,7 @@ def _prefill(m: _Model, prompts: Sequence[Sequence[int]], owners: Sequence[int],
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=m.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=m.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=m.model.config)
+    cache = _in_place_cache(m.model.config)
     owner = torch.tensor(list(owners), device=m.device)
     logits = m.forward(ids, mask, positions, cache, owner, torch.full_like(owner, -width))
     lengths = mask.sum(-1)
@@ -149,9 +153,55 @@ def _select(rows: _Rows, keep: torch.Tensor) -> _Rows:
 # move the front edge of every row by the same number of masked columns, so the masks,
 # the sliding windows (index distances) and every row's positions stay valid.
 
+class _InPlaceLayer(DynamicLayer):
+    """A full-attention ``DynamicLayer`` whose keys and values are views of a buffer with
+    spare columns: a decode step writes its column in place instead of ``torch.cat``-ing
+    the whole cache into a new tensor (the cat was 24% of a steered decode run; see
+    docs/performance.md). Anything that replaces ``keys``/``values`` (row selection,
+    joins, front trims) simply makes the next update copy them into a fresh buffer."""
+
+    SPARE = 64  # columns added beyond what is needed each time the buffer is rebuilt
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._key_buf: torch.Tensor | None = None
+        self._value_buf: torch.Tensor | None = None
+
+    def _owns_views(self) -> bool:
+        return (self._key_buf is not None and self.keys.data_ptr() == self._key_buf.data_ptr()
+                and self.values.data_ptr() == self._value_buf.data_ptr()
+                and self.keys.shape[:2] == self._key_buf.shape[:2])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        need = held + key_states.shape[-2]
+        if not (held and self._owns_views()) or need > self._key_buf.shape[-2]:
+            b, h, _, d = key_states.shape
+            key_buf = key_states.new_empty(b, h, need + self.SPARE, d)
+            value_buf = value_states.new_empty(b, value_states.shape[1], need + self.SPARE, value_states.shape[-1])
+            if held:
+                key_buf[:, :, :held] = self.keys
+                value_buf[:, :, :held] = self.values
+            self._key_buf, self._value_buf = key_buf, value_buf
+        self._key_buf[:, :, held:need] = key_states
+        self._value_buf[:, :, held:need] = value_states
+        self.keys, self.values = self._key_buf[:, :, :need], self._value_buf[:, :, :need]
+        return self.keys, self.values
+
+
+def _in_place_cache(config) -> DynamicCache:
+    """``DynamicCache(config=...)`` with every full-attention layer made an
+    :class:`_InPlaceLayer` (sliding-window layers keep their own bounded update)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_InPlaceLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 def _can_resize(cache: DynamicCache) -> bool:
     """Whether every layer is one whose columns this module knows how to add and cut."""
-    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.is_initialized
+    return all(type(layer) in (DynamicLayer, _InPlaceLayer, DynamicSlidingWindowLayer) and layer.is_initialized
                for layer in cache.layers)
 
 
@@ -206,11 +256,23 @@ def _trim(rows: _Rows) -> None:
 
 # --------------------------------------------------------------------------- the loop
 
+def sample_rows(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One token per row of ``probs`` [B, V], drawn by inverse CDF: one uniform number per
+    row and a binary search in the cumulative sum. ``torch.multinomial`` draws one
+    exponential number per vocabulary entry instead; on a CPU that was 34 ms of a 220 ms
+    decode step at batch 32 (docs/performance.md), this takes about a tenth of it.
+    ``u`` lies in (0, total], so the first index whose cumulative sum reaches it always
+    has a positive probability (tokens a top-k/top-p warper zeroed are never drawn)."""
+    cdf = probs.cumsum(dim=-1)
+    u = (1.0 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
 def _choose(rows: _Rows, sampling: Sampling, generator) -> torch.Tensor:
     """The next token of every row, as ``generate``'s greedy / multinomial step."""
     scores = sampling.processors(rows.pad)(rows.ids, rows.logits)
     if sampling.do_sample:
-        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+        return sample_rows(torch.softmax(scores, dim=-1), generator)
     return scores.argmax(dim=-1)
 
 

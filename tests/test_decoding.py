@@ -217,3 +217,40 @@ def test_generate_default_engine_equals_hf_engine(tiny_model):
     assert generate(tiny_model, tok, TEXTS, **sampled) == generate(tiny_model, tok, TEXTS, **sampled)
     with pytest.raises(ValueError, match="engine"):
         generate(tiny_model, tok, TEXTS, engine="vllm", **kw)
+
+
+def test_sample_rows_draws_the_given_distribution_and_never_a_zeroed_token():
+    from esr_train.decoding import sample_rows
+
+    probs = torch.tensor([[0.0, 0.1, 0.6, 0.3, 0.0]]).repeat(40000, 1)
+    draws = sample_rows(probs, torch.Generator().manual_seed(0))
+    share = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert share[0] == 0 and share[4] == 0  # zero-probability ends (as after top-k) never drawn
+    assert torch.allclose(share[1:4], torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64), atol=0.01)
+    again = sample_rows(probs[:50], torch.Generator().manual_seed(0))
+    assert torch.equal(again, draws[:50])
+    # unnormalised rows (a warper's output before softmax is not passed, but sums may drift)
+    assert set(sample_rows(torch.tensor([[0.0, 2.0, 0.0]]).repeat(100, 1)).tolist()) == {1}
+
+
+def test_in_place_layer_equals_concatenation_and_writes_in_place():
+    from transformers.cache_utils import DynamicLayer
+
+    from esr_train.decoding import _InPlaceLayer
+
+    torch.manual_seed(0)
+    fast, ref = _InPlaceLayer(), DynamicLayer()
+    pointers = set()
+    for step in range(40):
+        k, v = torch.randn(3, 2, 5 if step == 0 else 1, 4), torch.randn(3, 2, 5 if step == 0 else 1, 4)
+        fk, fv = fast.update(k, v)
+        rk, rv = ref.update(k, v)
+        assert torch.equal(fk, rk) and torch.equal(fv, rv)
+        pointers.add(fk.data_ptr())
+    assert len(pointers) == 1  # 44 columns fit the first buffer (5 + SPARE): no copy after step 0
+    fast.batch_select_indices(torch.tensor([2, 0]))  # surgery replaces the views ...
+    ref.batch_select_indices(torch.tensor([2, 0]))
+    k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    fk, fv = fast.update(k, v)  # ... and the next update rebuilds the buffer from them
+    rk, rv = ref.update(k, v)
+    assert torch.equal(fk, rk) and torch.equal(fv, rv)
