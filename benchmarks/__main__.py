@@ -6,7 +6,7 @@ same rows as a JSON list of objects (keys in ``benchmarks.report.ROW_KEYS``; rat
 shares as fractions). Baselines and ceilings are measured in the same run (the machine is
 noisy; ratios travel, absolute numbers do not), except the pipeline's 600 s target.
 
-Full run: steered generation (64 prompts at batch 32, <= 256 new tokens), LoRA training (4 steps),
+Full run: steered generation (128 prompts at batch 64, <= 256 new tokens), LoRA training (4 steps),
 on-policy data generation (48 rows) and ``esr pipeline recipes/quick.yaml`` (about 10
 minutes; skip it with ``--no-pipeline``). ``--quick``: 32 prompts at batch 16, <= 96
 tokens, 2 train steps, 24 rows, no pipeline unless ``--pipeline`` (under 3 minutes).

@@ -1,6 +1,6 @@
 """Steered generation throughput for smollm2-135m on a realistic eval batch, in one run.
 
-    python -m benchmarks.steer_bench [--n 64] [--tokens 256] [--json out.json]
+    python -m benchmarks.steer_bench [--n 128] [--batch-size 64] [--tokens 256] [--json out.json]
 
 The batch: ``--n`` prompts of the bundled test split (mixed lengths), sampled
 (temperature 0.6, repetition penalty 1.1) up to ``--tokens`` new tokens, so rows finish
@@ -44,9 +44,9 @@ def _generated_tokens(tok, texts: list[str]) -> int:
 
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=64, help="prompts in the batched runs")
+    parser.add_argument("--n", type=int, default=128, help="prompts in the batched runs")
     parser.add_argument("--tokens", type=int, default=256, help="max new tokens")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per step (docs/performance.md P3)")
     parser.add_argument("--naive", type=int, default=4, help="prompts timed one at a time")
     parser.add_argument("--json", help="write the rows here")
     return parser.parse_args(argv)
