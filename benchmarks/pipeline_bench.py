@@ -22,14 +22,10 @@ import time
 from pathlib import Path
 
 from benchmarks.report import emit, machine_meta, make_row
+from esr_train.pipeline import maxrss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 600.0
-
-
-def _maxrss_mib(ru_maxrss: int) -> float:
-    """``ru_maxrss`` is KiB on Linux, bytes on macOS."""
-    return ru_maxrss / (1024 * 1024) if sys.platform == "darwin" else ru_maxrss / 1024
 
 
 def run_child(cmd: list[str], log_path: Path, cwd: Path = ROOT) -> tuple[int, float, float]:
@@ -40,7 +36,7 @@ def run_child(cmd: list[str], log_path: Path, cwd: Path = ROOT) -> tuple[int, fl
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
-    return proc.returncode, wall, _maxrss_mib(usage.ru_maxrss)
+    return proc.returncode, wall, maxrss_mib(usage.ru_maxrss)
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -107,12 +107,15 @@ RUNNERS: dict[str, Callable[[dict, str, Path, dict], dict]] = {
     "generate": _generate, "train": _train, "eval": _eval, "report": _report}
 
 
+def maxrss_mib(ru_maxrss: int) -> float:
+    """An ``ru_maxrss`` in MiB (it is KiB on Linux, bytes on macOS)."""
+    return ru_maxrss / (1024 * 1024) if sys.platform == "darwin" else ru_maxrss / 1024
+
+
 def peak_rss_mib() -> float:
-    """This process's resident-set high-water mark so far, in MiB (``ru_maxrss`` is KiB
-    on Linux, bytes on macOS). Recorded after each stage, it shows which stage set the
-    pipeline's peak."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+    """This process's resident-set high-water mark so far, in MiB. Recorded after each
+    stage, it shows which stage set the pipeline's peak."""
+    return round(maxrss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1)
 
 
 def run_pipeline(recipe_path: str, run_dir: str | Path, *, stages: tuple[str, ...] = STAGES,

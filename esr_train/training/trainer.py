@@ -118,18 +118,16 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         subjects = steer_subjects([r for split in ds for r in ds[split]])
         steer_cols = {split: {STEER_COLUMN: row_steer_ids(ds[split], subjects)} for split in ds}
         keep = (SPAN_COLUMN,) if extras.steer_span != "all" else ()
-    train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, system=extras.system_prompt,
-                                             extra_columns=steer_cols.get("train"), keep=keep,
-                                             answer_tokens=extras.answer_loss_tokens,
-                                             normal_tokens=extras.normal_loss_tokens)
+    rows_as = dict(system=extras.system_prompt, keep=keep, answer_tokens=extras.answer_loss_tokens,
+                   normal_tokens=extras.normal_loss_tokens)  # the same for the train and eval splits
+    train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, extra_columns=steer_cols.get("train"),
+                                             **rows_as)
     if len(train_ds) == 0:
         raise TrainError(f"no training rows left after tokenization ({train_stats}); raise max_length")
     eval_ds, eval_stats = (None, None)
     if extras.eval_split and extras.eval_split in ds and len(ds[extras.eval_split]):
-        eval_ds, eval_stats = tokenize_dataset(ds[extras.eval_split], tok, max_length, system=extras.system_prompt,
-                                               extra_columns=steer_cols.get(extras.eval_split), keep=keep,
-                                               answer_tokens=extras.answer_loss_tokens,
-                                             normal_tokens=extras.normal_loss_tokens)
+        eval_ds, eval_stats = tokenize_dataset(ds[extras.eval_split], tok, max_length,
+                                               extra_columns=steer_cols.get(extras.eval_split), **rows_as)
         sft_kwargs.setdefault("eval_strategy", "steps")
         sft_kwargs.setdefault("eval_steps", sft_kwargs.get("save_steps", 50))
     sft_kwargs.setdefault("bf16", dtype == torch.bfloat16)
