@@ -155,7 +155,8 @@ def test_steered_training_pushes_self_correction_rows_through_backward(dataset, 
     fast = {**RECIPE["train"], "max_steps": 3, "save_steps": 3, "eval_steps": 3}
     plain = train({**RECIPE, "train": fast}, tmp_path / "plain", dataset_dir=dataset)
     steered = train({**RECIPE, "train": {**fast, "steer_strength": 0.5}}, tmp_path / "steered", dataset_dir=dataset)
-    assert steered["steering"] == {"strength": 0.5, "schedule": "all", "span": "all", "subjects": 3}
+    assert steered["steering"] == {"strength": 0.5, "strength_max": None, "schedule": "all", "span": "all",
+                                   "subjects": 3}
     assert len(list((tmp_path / "steered" / "directions").glob("*.safetensors"))) == 3
     assert abs(steered["first_train_loss"] - plain["first_train_loss"]) > 1e-3
     assert steered["final_eval_loss"] is not None
@@ -165,3 +166,28 @@ def test_steered_training_pushes_self_correction_rows_through_backward(dataset, 
     assert span["steering"]["span"] == "until_answer"
     losses = (plain["first_train_loss"], steered["first_train_loss"])
     assert all(abs(span["first_train_loss"] - other) > 1e-3 for other in losses)
+    # pushes drawn per row from a range: another first-step loss than the fixed push
+    ranged = train({**RECIPE, "train": {**fast, "steer_strength": 0.1, "steer_strength_max": 1.5}},
+                   tmp_path / "ranged", dataset_dir=dataset)
+    assert ranged["steering"]["strength_max"] == 1.5
+    assert abs(ranged["first_train_loss"] - steered["first_train_loss"]) > 1e-3
+
+
+def test_ranged_training_push_is_per_row_reproducible_and_checked():
+    """Each step draws one strength per row inside the range, the same draws on a re-run
+    (so a resumed run pushes as an uninterrupted one), new draws on the next step; a range
+    whose top is below its bottom is refused with the key's name."""
+    from esr_train.training.recipe import RecipeError, TrainExtras
+    from esr_train.training.steered import TrainSteering
+
+    fixed = TrainSteering([], 0.2)
+    assert fixed.strengths(4, 0) == 0.2
+    ranged = TrainSteering([], 0.05, strength_max=0.4, seed=3)
+    draws = ranged.strengths(8, 5)
+    assert len(draws) == 8 and all(0.05 <= d <= 0.4 for d in draws) and len(set(draws)) == 8
+    assert ranged.strengths(8, 5) == draws and ranged.strengths(8, 6) != draws
+    assert TrainSteering([], 0.05, strength_max=0.4, seed=4).strengths(8, 5) != draws
+    with pytest.raises(ValueError, match="steer_strength_max"):
+        TrainSteering([], 0.3, strength_max=0.1)
+    with pytest.raises(RecipeError, match="train.steer_strength_max"):
+        TrainExtras(steer_strength=0.3, steer_strength_max=0.1)

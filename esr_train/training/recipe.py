@@ -46,6 +46,8 @@ class TrainExtras:
     eval_split: str | None = field(default="test", metadata={"help": "dataset split for eval loss (null: none)"})
     steer_strength: float | None = field(default=None, metadata={
         "help": "steer self-correction rows toward their subject while training (x median residual norm; null: off)"})
+    steer_strength_max: float | None = field(default=None, metadata={
+        "help": "draw each pushed row's strength from [steer_strength, steer_strength_max] at every step (null: fixed)"})
     steer_layer: int | None = field(default=None, metadata={"help": "layer for training-time steering (default: the model's)"})
     steer_schedule: str = field(default="all", metadata={"help": "all | generated | prompt+first:N, as in esr steer"})
     steer_span: str = field(default="all", metadata={
@@ -60,6 +62,10 @@ class TrainExtras:
         for name in ("answer_loss_tokens", "normal_loss_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise RecipeError(f"train.{name} must be >= 0 or null, got {getattr(self, name)}")
+        if self.steer_strength_max is not None and (not self.steer_strength
+                                                    or self.steer_strength_max < self.steer_strength):
+            raise RecipeError(f"train.steer_strength_max ({self.steer_strength_max}) needs a steer_strength at or "
+                              f"below it (got {self.steer_strength})")
         if self.steer_span not in STEER_SPANS:
             raise RecipeError(f"train.steer_span must be one of {', '.join(STEER_SPANS)}, got {self.steer_span!r}")
 

@@ -31,13 +31,31 @@ class TrainSteering:
     """``all``: the whole row is pushed. ``until_answer``: the prompt, the distraction and the
     restart are pushed, the answer is not, so the adapter is paid to *restart* under the
     push but not to cancel it while answering (which teaches immunity instead: R4)."""
+    strength_max: float | None = None
+    """When set, each pushed row of each step draws its strength uniformly from
+    [strength, strength_max], so no single push is the one the adapter can learn to cancel
+    (R9-R11: a fixed training push teaches immunity)."""
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.span not in STEER_SPANS:
             raise ValueError(f"steer_span must be one of {', '.join(STEER_SPANS)}, got {self.span!r}")
+        if self.strength_max is not None and self.strength_max < self.strength:
+            raise ValueError(f"steer_strength_max ({self.strength_max}) is below steer_strength ({self.strength})")
 
     def rows(self, ids) -> list:
         return [self.directions[i] if i >= 0 else None for i in ids.tolist()]
+
+    def strengths(self, n: int, step: int) -> "float | list[float]":
+        """The push of each of ``n`` rows at training step ``step``: the fixed strength, or
+        draws from [strength, strength_max] that depend only on (seed, step), so a resumed
+        run pushes the same rows as an uninterrupted one."""
+        if self.strength_max is None:
+            return self.strength
+        import random
+
+        rng = random.Random(self.seed * 1_000_003 + step)
+        return [rng.uniform(self.strength, self.strength_max) for _ in range(n)]
 
     def positions(self, answer_start, length: int):
         """[B, T] mask of pushed positions for ``until_answer`` (None for ``all``)."""
@@ -101,7 +119,8 @@ class SteeredSFTTrainer(SFTTrainer):
         if ids is None or not (ids >= 0).any():
             return nullcontext()
         positions = self.steering.positions(starts, inputs["input_ids"].shape[1])
-        return steer_rows(model, self.steering.rows(ids), self.steering.strength, schedule=self.steering.schedule,
+        strengths = self.steering.strengths(len(ids), self.state.global_step)
+        return steer_rows(model, self.steering.rows(ids), strengths, schedule=self.steering.schedule,
                           positions=positions)
 
     def training_step(self, model, inputs, *args, **kwargs):

@@ -161,8 +161,9 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         layer = steer_layer(section.name, model, extras.steer_layer)
         directions = saved_concept_directions(model, tok, subjects, layer, out / "directions",
                                               search=[data_path / ".work" / "directions"])
-        trainer = SteeredSFTTrainer(**common, steering=TrainSteering(directions, extras.steer_strength,
-                                                                     extras.steer_schedule, extras.steer_span))
+        steering = TrainSteering(directions, extras.steer_strength, extras.steer_schedule, extras.steer_span,
+                                 strength_max=extras.steer_strength_max, seed=args.seed)
+        trainer = SteeredSFTTrainer(**common, steering=steering)
     else:
         trainer = SFTTrainer(**common)
     t0 = time.perf_counter()
@@ -184,7 +185,8 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "normal_loss_tokens": extras.normal_loss_tokens,
         "dataset": dataset_fingerprint(data_path, ds), "resumed_from": Path(last).name if resume and last else None,
         "lora": {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_kwargs.items()},
-        "steering": {"strength": extras.steer_strength, "schedule": extras.steer_schedule, "span": extras.steer_span,
+        "steering": {"strength": extras.steer_strength, "strength_max": extras.steer_strength_max,
+                     "schedule": extras.steer_schedule, "span": extras.steer_span,
                      "subjects": len(subjects)} if extras.steer_strength else None,
     }
     atomic_write_json(out / "esr_train_summary.json", summary)
