@@ -15,6 +15,7 @@ import json
 import random
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from statistics import mean
@@ -53,6 +54,9 @@ class GenerateConfig:
     distraction_tokens: int = field(default=96, metadata={"help": "tokens generated per distraction before cutting"})
     answer_tokens: int = field(default=200, metadata={"help": "max tokens of an answer"})
     answer_repetition_penalty: float = field(default=1.1, metadata={"help": "repetition penalty of the greedy answers (a base model such as Gemma 3 270M loops below ~1.3)"})
+    answer_temperature: float | None = field(default=None, metadata={
+        "help": "sample the self backend's answers at this temperature (default: greedy); 1.0 with "
+                "answer_repetition_penalty 1.0 draws from the model's own distribution"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature of distractions"})
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
@@ -145,6 +149,7 @@ def build_dataset(cfg: GenerateConfig, out_dir: str | Path, backend_impl=None) -
     rejected: Counter = Counter()
     rows: dict[str, list[Transcript]] = {}
     counts = _split_counts(cfg)
+    stage_s: Counter = Counter()  # seconds per stage of the self backend (where the time goes)
 
     if cfg.backend == "template":
         from data_gen.backends.template import read_template_rows
@@ -159,31 +164,44 @@ def build_dataset(cfg: GenerateConfig, out_dir: str | Path, backend_impl=None) -
                                      _bank_split(all_subjects, split, cfg.test_size, "subject"), phrases,
                                      counts[split]["self_correction"], counts[split]["normal"], rng)
         if cfg.backend == "self":
-            rows = _run_self(cfg, out, plans, counts, rejected, backend_impl)
+            rows = _run_self(cfg, out, plans, counts, rejected, backend_impl, stage_s)
         else:
             rows = _run_llm(cfg, plans, counts, rejected)
 
-    summary = _write(cfg, out, rows, rejected, time.perf_counter() - t0)
+    summary = _write(cfg, out, rows, rejected, time.perf_counter() - t0, stage_s)
     return summary
 
 
-def _run_self(cfg, out, plans, counts, rejected, backend_impl) -> dict[str, list[Transcript]]:
+@contextmanager
+def _timed(stage_s: Counter, stage: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stage_s[stage] += time.perf_counter() - t0
+
+
+def _run_self(cfg, out, plans, counts, rejected, backend_impl, stage_s: Counter) -> dict[str, list[Transcript]]:
     from data_gen.backends.self_backend import SelfBackend, SelfConfig
 
     if backend_impl is None:
         from esr_train.zoo import load_model
 
-        model, tok = load_model(cfg.model, dtype=cfg.dtype)
+        with _timed(stage_s, "load_model"):
+            model, tok = load_model(cfg.model, dtype=cfg.dtype)
         backend_impl = SelfBackend(model, tok, cfg.model, SelfConfig(
             layer=cfg.layer, strength=cfg.strength, schedule=cfg.schedule, distraction_tokens=cfg.distraction_tokens,
             answer_tokens=cfg.answer_tokens, answer_repetition_penalty=cfg.answer_repetition_penalty,
-            temperature=cfg.temperature, batch_size=cfg.batch_size), out / ".work")
+            answer_temperature=cfg.answer_temperature, temperature=cfg.temperature, batch_size=cfg.batch_size), out / ".work")
     fcfg = FilterConfig()
     rows: dict[str, list[Transcript]] = {}
     for split, (sc_jobs, normal_jobs) in plans.items():
         prompts = sorted({j["prompt"] for j in sc_jobs + normal_jobs})
-        answers = backend_impl.answer(prompts)
-        bad_answer = dict(zip(prompts, answer_problems(prompts, [answers[p] for p in prompts], [""] * len(prompts), fcfg)))
+        with _timed(stage_s, "answers"):
+            answers = backend_impl.answer(prompts)
+        with _timed(stage_s, "filters"):
+            bad_answer = dict(zip(prompts, answer_problems(prompts, [answers[p] for p in prompts], [""] * len(prompts),
+                                                           fcfg)))
         kept: list[Transcript] = []
         for job in normal_jobs:
             if bad_answer[job["prompt"]]:
@@ -193,9 +211,13 @@ def _run_self(cfg, out, plans, counts, rejected, backend_impl) -> dict[str, list
                                    model=cfg.model, seed=job["seed"]))
         usable = [j for j in sc_jobs if not bad_answer[j["prompt"]]]
         rejected["answer_for_self_correction"] += len(sc_jobs) - len(usable)
-        texts = backend_impl.distract(usable)
-        problems = distraction_problems([j["prompt"] for j in usable], [texts[j["id"]] for j in usable],
-                                        [j["subject_row"] for j in usable], fcfg)
+        with _timed(stage_s, "directions"):  # built here, so the distraction stage only loads them
+            backend_impl.directions([j["subject"] for j in usable])
+        with _timed(stage_s, "distractions"):
+            texts = backend_impl.distract(usable)
+        with _timed(stage_s, "filters"):
+            problems = distraction_problems([j["prompt"] for j in usable], [texts[j["id"]] for j in usable],
+                                            [j["subject_row"] for j in usable], fcfg)
         n_sc = 0
         for job, problem in zip(usable, problems):
             if n_sc >= counts[split]["self_correction"]:
@@ -239,7 +261,8 @@ def _run_llm(cfg, plans, counts, rejected) -> dict[str, list[Transcript]]:
     return rows
 
 
-def _write(cfg: GenerateConfig, out: Path, rows: dict[str, list[Transcript]], rejected: Counter, elapsed: float) -> dict:
+def _write(cfg: GenerateConfig, out: Path, rows: dict[str, list[Transcript]], rejected: Counter, elapsed: float,
+           stage_s: Counter | None = None) -> dict:
     from datasets import Dataset, DatasetDict, Features, Value, List
 
     seen: set[str] = set()
@@ -273,12 +296,13 @@ def _write(cfg: GenerateConfig, out: Path, rows: dict[str, list[Transcript]], re
     ds.save_to_disk(str(out), num_shards={k: 1 for k in ds})
     for split, r in splits.items():
         atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in r))
-    summary = summarize(cfg, splits, rejected, duplicates, elapsed)
+    summary = summarize(cfg, splits, rejected, duplicates, elapsed, stage_s)
     atomic_write_json(out / "summary.json", summary)
     return summary
 
 
-def summarize(cfg: GenerateConfig, splits: dict[str, list[dict]], rejected: Counter, duplicates: int, elapsed: float) -> dict:
+def summarize(cfg: GenerateConfig, splits: dict[str, list[dict]], rejected: Counter, duplicates: int, elapsed: float,
+              stage_s: Counter | None = None) -> dict:
     from data_gen.text import sentences, word_count
 
     allrows = [r for rs in splits.values() for r in rs]
@@ -297,6 +321,7 @@ def summarize(cfg: GenerateConfig, splits: dict[str, list[dict]], rejected: Coun
         "distraction_sentences": dict(sorted(Counter(len(sentences(r["distraction"])) for r in sc).items())),
         "elapsed_s": round(elapsed, 1),
         "transcripts_per_min": round(len(allrows) / elapsed * 60, 1) if elapsed > 0 else None,
+        "stage_s": {k: round(v, 1) for k, v in (stage_s or {}).items()},
     }
 
 
@@ -308,6 +333,8 @@ def format_summary(summary: dict) -> str:
     lines.append(f"total {summary['total']} rows in {summary['elapsed_s']}s ({summary['transcripts_per_min']} per min); "
                  f"duplicates removed {summary['duplicates_removed']}")
     lines.append(f"mean words: distraction {summary['mean_words']['distraction']}, answer {summary['mean_words']['answer']}")
+    if summary.get("stage_s"):
+        lines.append("seconds by stage: " + ", ".join(f"{k} {v}" for k, v in summary["stage_s"].items()))
     if summary["rejected"]:
         lines.append("rejected: " + ", ".join(f"{k} {v}" for k, v in summary["rejected"].items()))
     if summary["per_subject"]:

@@ -164,7 +164,8 @@ def concept_directions(
     given = concept_texts or {}
     asks = [(c, p.format(concept=c)) for c in concepts if c not in given for p in CONCEPT_PROMPTS]
     written = generate(model, tokenizer, [a for _, a in asks], max_new_tokens=max_new_tokens,
-                       repetition_penalty=1.1, batch_size=batch_size) if asks else []
+                       repetition_penalty=1.1, batch_size=batch_size,
+                       progress="concept texts" if len(asks) > batch_size else False) if asks else []
     per_concept: dict[str, tuple[list[str], list[str], str]] = {}
     for (c, ask), text in zip(asks, written):
         per_concept.setdefault(c, ([], [], "self"))

@@ -49,7 +49,7 @@ def generate(
     seed: int | None = None,
     system: str | None = None,
     rendered: bool = False,
-    progress: bool = False,
+    progress: "bool | str" = False,
     row_steering: "Sequence | None" = None,
     strength: "float | Sequence[float]" = 0.0,
     schedule: str = "all",
@@ -94,7 +94,7 @@ def generate(
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for b, idx in enumerate(tqdm(batches, desc="generate", disable=not progress, unit="batch")):
+    for b, idx in enumerate(tqdm(batches, desc=_label(progress), disable=not progress, unit="batch")):
         if seed is not None:
             torch.manual_seed(seed + b)
         enc = encode(tokenizer, [texts[i] for i in idx], "left", device)
@@ -106,6 +106,11 @@ def generate(
         for row, i in enumerate(idx):
             outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
     return outputs
+
+
+def _label(progress: "bool | str") -> str:
+    """The progress bar's label: ``progress`` itself when it is one, else "generate"."""
+    return progress if isinstance(progress, str) else "generate"
 
 
 def _generate_decode(model, tokenizer, texts: list[str], row_steering, strengths: list[float], *, schedule: str,
@@ -133,7 +138,7 @@ def _generate_decode(model, tokenizer, texts: list[str], row_steering, strengths
     outputs: list[str] = [""] * len(texts)
     ctx = nullcontext() if row_steering is None else steer_rows(
         model, [row_steering[i] for i in order], [strengths[i] for i in order], schedule=schedule)
-    with ctx as selection, tqdm(total=len(texts), desc="generate", disable=not progress, unit="prompt") as bar:
+    with ctx as selection, tqdm(total=len(texts), desc=_label(progress), disable=not progress, unit="prompt") as bar:
         for k, tokens in stream_decode(model, [ids[i] for i in order], max_new_tokens=max_new_tokens,
                                        sampling=sampling, batch_size=batch_size,
                                        pad_token_id=tokenizer.pad_token_id, generator=generator,

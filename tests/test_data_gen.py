@@ -148,3 +148,27 @@ def test_self_backend_on_smollm_resumes_and_is_on_policy(smollm, tmp_path):
     (tmp_path / "ds" / "summary.json").unlink()
     again = build_dataset(cfg, tmp_path / "ds", backend_impl=backend)
     assert len(backend.distractions) == n_cached and again["total"] == summary["total"]
+    # the time of each stage is recorded; the re-run, all from caches, spends less on generation
+    assert {"answers", "directions", "distractions", "filters"} <= set(summary["stage_s"])
+    assert again["stage_s"]["distractions"] < summary["stage_s"]["distractions"]
+
+
+@pytest.mark.slow
+def test_self_backend_samples_answers_at_answer_temperature(smollm, tmp_path):
+    """``answer_temperature`` draws the answers instead of taking the greedy ones: other
+    texts for the same prompts, cached under their own keys (a greedy run beside it keeps
+    its answers), and the same draws again from the cache."""
+    from data_gen.backends.self_backend import SelfBackend, SelfConfig
+    from data_gen.banks import load_prompts
+
+    model, tok = smollm
+    prompts = [p["prompt"] for p in load_prompts("train")[:4]]
+    greedy = SelfBackend(model, tok, "smollm2-135m", SelfConfig(answer_tokens=24, batch_size=4), tmp_path / "w")
+    sampled = SelfBackend(model, tok, "smollm2-135m", SelfConfig(answer_tokens=24, batch_size=4,
+                                                                 answer_temperature=1.0,
+                                                                 answer_repetition_penalty=1.0), tmp_path / "w")
+    first, drawn = greedy.answer(prompts), sampled.answer(prompts)
+    assert sum(first[p] != drawn[p] for p in prompts) >= 3
+    again = SelfBackend(model, tok, "smollm2-135m", SelfConfig(answer_tokens=24, batch_size=4), tmp_path / "w")
+    assert len(again.answers) == 2 * len(prompts)  # one store, separate keys
+    assert again.answer(prompts) == first and sampled.answer(prompts) == drawn

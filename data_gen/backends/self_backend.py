@@ -34,6 +34,11 @@ class SelfConfig:
     temperature: float = 0.8
     repetition_penalty: float = 1.1
     answer_repetition_penalty: float = 1.1
+    answer_temperature: float | None = None
+    """None: greedy answers. A temperature samples them instead: at 1.0 with no repetition
+    penalty the answers are draws from the model's own distribution, whose expected
+    log-likelihood gradient is zero, so training on them does not sharpen the model the way
+    its greedy (modal) answers do."""
     batch_size: int = 16
 
 
@@ -54,18 +59,23 @@ class SelfBackend:
         self.distractions = JsonlStore(self.work / "distractions.jsonl")
 
     def answer(self, prompts: Sequence[str]) -> dict[str, str]:
-        """The model's unsteered greedy answer to each prompt, cut to complete sentences."""
+        """The model's unsteered answer to each prompt (greedy, or sampled at
+        ``answer_temperature``), cut to complete sentences."""
         from esr_train.generation import generate
 
+        temperature = self.cfg.answer_temperature
+        sampled = () if temperature is None else (temperature,)  # greedy keys stay as they were
+
         def key(p):
-            return _key(self.label, p, self.cfg.answer_tokens, self.cfg.answer_repetition_penalty)
+            return _key(self.label, p, self.cfg.answer_tokens, self.cfg.answer_repetition_penalty, *sampled)
 
         todo = [p for p in dict.fromkeys(prompts) if key(p) not in self.answers]
         bs = self.cfg.batch_size
         for i in tqdm(range(0, len(todo), bs), desc="answers", unit="batch", disable=not todo):
             chunk = todo[i:i + bs]
             outs = generate(self.model, self.tok, chunk, max_new_tokens=self.cfg.answer_tokens,
-                            repetition_penalty=self.cfg.answer_repetition_penalty, batch_size=bs)
+                            repetition_penalty=self.cfg.answer_repetition_penalty, batch_size=bs,
+                            do_sample=temperature is not None, temperature=temperature or 1.0, seed=i)
             for p, out in zip(chunk, outs):
                 self.answers.put(key(p), complete_part(out))
         return {p: self.answers[key(p)] for p in prompts}
