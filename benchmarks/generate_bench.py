@@ -46,6 +46,8 @@ def naive_seconds_per_transcript(model, tok, cfg, samples: int = 4) -> float:
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per step (recipes/smollm2-135m.yaml's)")
+    parser.add_argument("--naive", type=int, default=4, help="transcripts timed one prompt at a time (a rate)")
     parser.add_argument("--json", help="write the rows here")
     return parser.parse_args(argv)
 
@@ -58,7 +60,7 @@ def measure(argv=None) -> list[dict]:
     from data_gen.builder import GenerateConfig, build_dataset
     from esr_train.zoo import load_model
 
-    cfg = GenerateConfig(n=args.n, mix=0.5, test_size=0.1, layer=15, seed=0)
+    cfg = GenerateConfig(n=args.n, mix=0.5, test_size=0.1, layer=15, seed=0, batch_size=args.batch_size)
     model, tok = load_model(cfg.model, dtype=cfg.dtype)
     work = Path(tempfile.mkdtemp(prefix="esr-bench-"))
     try:
@@ -71,15 +73,16 @@ def measure(argv=None) -> list[dict]:
         ours = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    naive = naive_seconds_per_transcript(model, tok, cfg)
+    naive = naive_seconds_per_transcript(model, tok, cfg, samples=args.naive)
     per_min = summary["total"] / ours * 60
     naive_per_min = 60 / naive
     meta = machine_meta(str(model.dtype))
-    what = f"{summary['total']} rows ({summary['rejected']} rejected), batch {cfg.batch_size}"
+    stages = ", ".join(f"{k} {v}s" for k, v in summary.get("stage_s", {}).items())
+    what = f"{summary['total']} rows ({summary['rejected']} rejected), batch {cfg.batch_size}; {stages}"
     return [
         make_row("generate_rows_per_min", round(per_min, 2), "rows/min", meta=meta, baseline=round(naive_per_min, 2),
                  note=f"esr generate --backend self; {what}; baseline: naive HF generate, one prompt at a time "
-                      "(steered distraction + answer, 4 sampled)"),
+                      f"(steered distraction + answer, {args.naive} sampled)"),
         make_row("generate_total_s", round(ours, 1), "s", meta=meta, note=what),
     ]
 
