@@ -114,6 +114,19 @@ def test_answer_loss_tokens_keeps_the_restart_and_the_answer_start(tok):
         tokenize_row(NORMAL_ROW, tok, max_length=512)
 
 
+def test_normal_skip_keeps_the_opener_in_context_but_out_of_the_loss(tok):
+    """normal_skip=K: the same input ids, the first K answer tokens of a normal row masked,
+    the rest trained; self-correction rows untouched; a skip covering the whole answer
+    leaves nothing to train (the row is dropped)."""
+    full = tokenize_row(NORMAL_ROW, tok, max_length=512)
+    out = tokenize_row(NORMAL_ROW, tok, max_length=512, normal_skip=2)
+    start = full["answer_start"]
+    assert out["input_ids"] == full["input_ids"] and out["n_loss_tokens"] == full["n_loss_tokens"] - 2
+    assert out["labels"][:start + 2] == [IGNORE] * (start + 2) and out["labels"][start + 2:] == full["labels"][start + 2:]
+    assert tokenize_row(SC_ROW, tok, max_length=512, normal_skip=2) == tokenize_row(SC_ROW, tok, max_length=512)
+    assert tokenize_row(NORMAL_ROW, tok, max_length=512, normal_skip=10_000) is None
+
+
 def test_bos_never_doubled(tok):
     ids = tokenize_row(SC_ROW, tok, max_length=512)["input_ids"]
     if tok.esr_name == "gemma3-270m":

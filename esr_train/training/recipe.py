@@ -57,9 +57,11 @@ class TrainExtras:
         "help": "train only the restart and the answer's first N tokens (null: the whole answer)"})
     normal_loss_tokens: int | None = field(default=None, metadata={
         "help": "for normal rows, train the answer's first N tokens (null: as answer_loss_tokens)"})
+    normal_skip_tokens: int = field(default=0, metadata={
+        "help": "for normal rows, keep the answer's first K tokens out of the loss (the opener that restates the question)"})
 
     def __post_init__(self) -> None:
-        for name in ("answer_loss_tokens", "normal_loss_tokens"):
+        for name in ("answer_loss_tokens", "normal_loss_tokens", "normal_skip_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise RecipeError(f"train.{name} must be >= 0 or null, got {getattr(self, name)}")
         if self.steer_strength_max is not None and (not self.steer_strength

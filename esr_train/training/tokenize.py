@@ -85,6 +85,7 @@ def tokenize_row(
     eot: list[int] | None = None,
     answer_tokens: int | None = None,
     normal_tokens: int | None = None,
+    normal_skip: int = 0,
 ) -> dict[str, Any] | None:
     """One row -> {"input_ids", "attention_mask", "labels", "n_loss_tokens", "answer_start"},
     or None when the row is longer than ``max_length`` or would train on nothing.
@@ -96,7 +97,10 @@ def tokenize_row(
     rows: the first N, or ``normal_tokens`` when given); the sequence ends there, since later
     tokens cannot change the loss of earlier ones. Training the whole answer also sharpens
     the model's own answers, which makes it resist the push instead of drifting and
-    restarting (R6 in docs/results.md).
+    restarting (R6 in docs/results.md). ``normal_skip=K`` keeps a normal row's first K
+    answer tokens in the context but out of the loss, so the fine-tuning does not reinforce
+    the opener that restates the question (R13: the adapters' answers open that way under
+    the push and stay on-topic).
     """
     kind = row.get("kind") or "normal"
     answer = (row.get("answer") or "").strip()
@@ -127,30 +131,34 @@ def tokenize_row(
     input_ids = prompt_ids + masked_ids + trained_ids
     if len(input_ids) > max_length:
         return None
-    labels = [IGNORE] * (len(prompt_ids) + len(masked_ids)) + trained_ids
+    skip = min(normal_skip, len(trained_ids)) if kind == "normal" else 0
+    if skip == len(trained_ids):
+        return None
+    labels = [IGNORE] * (len(prompt_ids) + len(masked_ids) + skip) + trained_ids[skip:]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
-            "n_loss_tokens": len(trained_ids), "answer_start": len(prompt_ids) + len(masked_ids) + len(restart_ids)}
+            "n_loss_tokens": len(trained_ids) - skip, "answer_start": len(prompt_ids) + len(masked_ids) + len(restart_ids)}
 
 
 def _map_row(row: dict[str, Any], tokenizer, max_length: int, system: str | None, eot: list[int],
-             answer_tokens: int | None = None, normal_tokens: int | None = None) -> dict[str, Any]:
+             answer_tokens: int | None = None, normal_tokens: int | None = None,
+             normal_skip: int = 0) -> dict[str, Any]:
     """``Dataset.map`` cannot drop rows, so a status column records why a row goes."""
-    out = tokenize_row(row, tokenizer, max_length, system, eot, answer_tokens, normal_tokens)
+    out = tokenize_row(row, tokenizer, max_length, system, eot, answer_tokens, normal_tokens, normal_skip)
     if out is not None:
         return {**out, "_status": "ok"}
     # tell the two reasons apart: a row that fits but trains nothing vs. one that is too long
     status = "no_loss" if tokenize_row(row, tokenizer, 10**9, system, eot, answer_tokens,
-                                       normal_tokens) is None else "too_long"
+                                       normal_tokens, normal_skip) is None else "too_long"
     return {"input_ids": [], "attention_mask": [], "labels": [], "n_loss_tokens": 0, "answer_start": 0,
             "_status": status}
 
 
 def _fingerprint(ds: "datasets.Dataset", tokenizer, max_length: int, system: str | None, eot: list[int],
-                 answer_tokens: int | None = None, normal_tokens: int | None = None) -> str:
+                 answer_tokens: int | None = None, normal_tokens: int | None = None, normal_skip: int = 0) -> str:
     """A cheap cache key for ``Dataset.map``: by default datasets dill-hashes the whole
     tokenizer (about 10 s for Gemma's 262k vocabulary) on every call."""
     key = [getattr(ds, "_fingerprint", None), tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template,
-           max_length, system, eot, answer_tokens, normal_tokens, _FORMAT]
+           max_length, system, eot, answer_tokens, normal_tokens, normal_skip, _FORMAT]
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
 
 
@@ -164,6 +172,7 @@ def tokenize_dataset(
     keep: tuple[str, ...] = (),
     answer_tokens: int | None = None,
     normal_tokens: int | None = None,
+    normal_skip: int = 0,
 ) -> tuple["datasets.Dataset", dict[str, int]]:
     """Tokenize and mask every row; returns (dataset with input_ids / attention_mask /
     labels, plus the ``keep`` columns of ``tokenize_row`` such as ``answer_start``, stats).
@@ -177,10 +186,11 @@ def tokenize_dataset(
     mapped = ds.map(
         _map_row,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "system": system, "eot": eot,
-                   "answer_tokens": answer_tokens, "normal_tokens": normal_tokens},
+                   "answer_tokens": answer_tokens, "normal_tokens": normal_tokens, "normal_skip": normal_skip},
         remove_columns=ds.column_names,
         features=features,
-        new_fingerprint=_fingerprint(ds, tokenizer, max_length, system, eot, answer_tokens, normal_tokens),
+        new_fingerprint=_fingerprint(ds, tokenizer, max_length, system, eot, answer_tokens, normal_tokens,
+                                     normal_skip),
         num_proc=num_proc if num_proc > 1 else None,
         desc="tokenize",
     )

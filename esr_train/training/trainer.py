@@ -119,7 +119,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         steer_cols = {split: {STEER_COLUMN: row_steer_ids(ds[split], subjects)} for split in ds}
         keep = (SPAN_COLUMN,) if extras.steer_span != "all" else ()
     rows_as = dict(system=extras.system_prompt, keep=keep, answer_tokens=extras.answer_loss_tokens,
-                   normal_tokens=extras.normal_loss_tokens)  # the same for the train and eval splits
+                   normal_tokens=extras.normal_loss_tokens, normal_skip=extras.normal_skip_tokens)  # the same for the train and eval splits
     train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, extra_columns=steer_cols.get("train"),
                                              **rows_as)
     if len(train_ds) == 0:
@@ -182,7 +182,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "first_train_loss": losses[0] if losses else None, "final_train_loss": losses[-1] if losses else None,
         "train_loss_mean": result.training_loss, "final_eval_loss": final_eval.get("eval_loss"),
         "tokenize": {"train": train_stats, "eval": eval_stats}, "answer_loss_tokens": extras.answer_loss_tokens,
-        "normal_loss_tokens": extras.normal_loss_tokens,
+        "normal_loss_tokens": extras.normal_loss_tokens, "normal_skip_tokens": extras.normal_skip_tokens,
         "dataset": dataset_fingerprint(data_path, ds), "resumed_from": Path(last).name if resume and last else None,
         "lora": {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_kwargs.items()},
         "steering": {"strength": extras.steer_strength, "strength_max": extras.steer_strength_max,
