@@ -9,8 +9,9 @@ noisy; ratios travel, absolute numbers do not), except the pipeline's 600 s targ
 Full run: steered generation (the 98 test prompts at batch 64, <= 256 new tokens), LoRA training (4 steps),
 on-policy data generation (48 rows) and ``esr pipeline recipes/quick.yaml`` (about 10
 minutes; skip it with ``--no-pipeline``). ``--quick``: 16 prompts at batch 8, <= 48
-tokens, naive baselines on 2 prompts / 2 transcripts, 2 train steps, 8 rows, no pipeline unless
-``--pipeline`` (meant for under 3 minutes; the README gives the time measured).
+tokens, naive baselines on 2 prompts / 2 transcripts, 2 train steps, 8 rows with answers
+of <= 96 tokens, no pipeline unless ``--pipeline`` (meant for under 3 minutes; the README
+gives the time measured).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv=None) -> list[dict]:
     rows += steer_bench.measure(["--n", "16", "--tokens", "48", "--batch-size", "8", "--naive", "2"] if args.quick
                                 else ["--n", "128", "--tokens", "256", "--batch-size", "64"])
     rows += train_bench.measure(["--steps", "2" if args.quick else "4"])
-    rows += generate_bench.measure(["--n", "8", "--naive", "2"] if args.quick else ["--n", "48"])
+    rows += generate_bench.measure(["--n", "8", "--naive", "2", "--answer-tokens", "96"] if args.quick else ["--n", "48"])
     if with_pipeline:
         try:
             rows += pipeline_bench.measure([])

@@ -48,6 +48,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64, help="rows per step (recipes/smollm2-135m.yaml's)")
     parser.add_argument("--naive", type=int, default=4, help="transcripts timed one prompt at a time (a rate)")
+    parser.add_argument("--answer-tokens", type=int, default=None, help="answer length (default: esr generate's)")
     parser.add_argument("--json", help="write the rows here")
     return parser.parse_args(argv)
 
@@ -60,7 +61,8 @@ def measure(argv=None) -> list[dict]:
     from data_gen.builder import GenerateConfig, build_dataset
     from esr_train.zoo import load_model
 
-    cfg = GenerateConfig(n=args.n, mix=0.5, test_size=0.1, layer=15, seed=0, batch_size=args.batch_size)
+    cfg = GenerateConfig(n=args.n, mix=0.5, test_size=0.1, layer=15, seed=0, batch_size=args.batch_size,
+                         **({"answer_tokens": args.answer_tokens} if args.answer_tokens else {}))
     model, tok = load_model(cfg.model, dtype=cfg.dtype)
     work = Path(tempfile.mkdtemp(prefix="esr-bench-"))
     try:
@@ -78,7 +80,8 @@ def measure(argv=None) -> list[dict]:
     naive_per_min = 60 / naive
     meta = machine_meta(str(model.dtype))
     stages = ", ".join(f"{k} {v}s" for k, v in summary.get("stage_s", {}).items())
-    what = f"{summary['total']} rows ({summary['rejected']} rejected), batch {cfg.batch_size}; {stages}"
+    what = (f"{summary['total']} rows ({summary['rejected']} rejected), batch {cfg.batch_size}, "
+            f"answers <= {cfg.answer_tokens} tokens; {stages}")
     return [
         make_row("generate_rows_per_min", round(per_min, 2), "rows/min", meta=meta, baseline=round(naive_per_min, 2),
                  note=f"esr generate --backend self; {what}; baseline: naive HF generate, one prompt at a time "
