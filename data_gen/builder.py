@@ -192,7 +192,8 @@ def _run_self(cfg, out, plans, counts, rejected, backend_impl, stage_s: Counter)
         backend_impl = SelfBackend(model, tok, cfg.model, SelfConfig(
             layer=cfg.layer, strength=cfg.strength, schedule=cfg.schedule, distraction_tokens=cfg.distraction_tokens,
             answer_tokens=cfg.answer_tokens, answer_repetition_penalty=cfg.answer_repetition_penalty,
-            answer_temperature=cfg.answer_temperature, temperature=cfg.temperature, batch_size=cfg.batch_size), out / ".work")
+            answer_temperature=cfg.answer_temperature, temperature=cfg.temperature, batch_size=cfg.batch_size),
+            out / ".work")
     fcfg = FilterConfig()
     rows: dict[str, list[Transcript]] = {}
     for split, (sc_jobs, normal_jobs) in plans.items():
@@ -211,7 +212,7 @@ def _run_self(cfg, out, plans, counts, rejected, backend_impl, stage_s: Counter)
                                    model=cfg.model, seed=job["seed"]))
         usable = [j for j in sc_jobs if not bad_answer[j["prompt"]]]
         rejected["answer_for_self_correction"] += len(sc_jobs) - len(usable)
-        with _timed(stage_s, "directions"):  # built here, so the distraction stage only loads them
+        with _timed(stage_s, "directions"):  # built and held here; the distraction stage reuses them
             backend_impl.directions([j["subject"] for j in usable])
         with _timed(stage_s, "distractions"):
             texts = backend_impl.distract(usable)

@@ -57,6 +57,7 @@ class SelfBackend:
         self.work = Path(work_dir)
         self.answers = JsonlStore(self.work / "answers.jsonl")
         self.distractions = JsonlStore(self.work / "distractions.jsonl")
+        self._directions: dict = {}  # subject -> direction, loaded or built once per run
 
     def answer(self, prompts: Sequence[str]) -> dict[str, str]:
         """The model's unsteered answer to each prompt (greedy, or sampled at
@@ -82,12 +83,15 @@ class SelfBackend:
 
     def directions(self, subjects: Sequence[str]) -> dict:
         """Each subject's concept direction, built once (all missing ones in shared
-        batches) and saved beside the caches."""
+        batches), saved beside the caches and kept in memory, so the builder's directions
+        stage and the distraction stage do not both read them from disk."""
         from esr_train.concepts import saved_concept_directions
 
-        unique = list(dict.fromkeys(subjects))
-        return dict(zip(unique, saved_concept_directions(self.model, self.tok, unique, self.layer,
-                                                         self.work / "directions", batch_size=self.cfg.batch_size)))
+        missing = [s for s in dict.fromkeys(subjects) if s not in self._directions]
+        if missing:
+            self._directions.update(zip(missing, saved_concept_directions(
+                self.model, self.tok, missing, self.layer, self.work / "directions", batch_size=self.cfg.batch_size)))
+        return {s: self._directions[s] for s in dict.fromkeys(subjects)}
 
     def distract(self, jobs: Sequence[dict]) -> dict[str, str]:
         """Steered openings for jobs {"id", "prompt", "subject", "sentences", "seed"};

@@ -34,7 +34,7 @@ class TrainSteering:
     strength_max: float | None = None
     """When set, each pushed row of each step draws its strength uniformly from
     [strength, strength_max], so no single push is the one the adapter can learn to cancel
-    (R9-R11: a fixed training push teaches immunity)."""
+    (R12: within the noise of a fixed push)."""
     seed: int = 0
 
     def __post_init__(self) -> None:

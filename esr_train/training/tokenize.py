@@ -95,12 +95,11 @@ def tokenize_row(
     ``eot`` (from ``end_of_turn_ids``) may be passed to skip re-probing the template.
     ``answer_tokens=N`` trains only the restart and the answer's first N tokens (normal
     rows: the first N, or ``normal_tokens`` when given); the sequence ends there, since later
-    tokens cannot change the loss of earlier ones. Training the whole answer also sharpens
-    the model's own answers, which makes it resist the push instead of drifting and
-    restarting (R6 in docs/results.md). ``normal_skip=K`` keeps a normal row's first K
-    answer tokens in the context but out of the loss, so the fine-tuning does not reinforce
-    the opener that restates the question (R13: the adapters' answers open that way under
-    the push and stay on-topic).
+    tokens cannot change the loss of earlier ones. Adapters trained on whole answers resisted
+    the push instead of drifting and restarting (R3, R6 in docs/results.md). ``normal_skip=K``
+    keeps a normal row's first K answer tokens in the context but out of the loss, to test
+    whether reinforcing the opener that restates the question is what anchors the adapters'
+    steered answers (R15: no effect beyond the training seed's spread).
     """
     kind = row.get("kind") or "normal"
     answer = (row.get("answer") or "").strip()

@@ -118,8 +118,9 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         subjects = steer_subjects([r for split in ds for r in ds[split]])
         steer_cols = {split: {STEER_COLUMN: row_steer_ids(ds[split], subjects)} for split in ds}
         keep = (SPAN_COLUMN,) if extras.steer_span != "all" else ()
+    # the same for the train and eval splits
     rows_as = dict(system=extras.system_prompt, keep=keep, answer_tokens=extras.answer_loss_tokens,
-                   normal_tokens=extras.normal_loss_tokens, normal_skip=extras.normal_skip_tokens)  # the same for the train and eval splits
+                   normal_tokens=extras.normal_loss_tokens, normal_skip=extras.normal_skip_tokens)
     train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, extra_columns=steer_cols.get("train"),
                                              **rows_as)
     if len(train_ds) == 0:
