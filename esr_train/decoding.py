@@ -104,15 +104,18 @@ class _Model:
         self.steering = steering
         self.device = next(model.parameters()).device
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT hides the signature
-        self.keep_one = "logits_to_keep" in inspect.signature(inner.forward).parameters
+        params = inspect.signature(inner.forward).parameters
+        self.keep_one = "logits_to_keep" in params
+        # transformers 5.24 renamed the forward's past_key_values to cache (the old name warns)
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def forward(self, ids, mask, positions, cache, owner, offset) -> torch.Tensor:
         """One pass; returns the float32 logits of the last position of every row."""
         if self.steering is not None:
             self.steering.update(owner, offset)
         extra = {"logits_to_keep": 1} if self.keep_one else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, **extra)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_kw: cache}, **extra)
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
 

@@ -74,7 +74,7 @@ class _PositionTracker:
         embeds = kwargs.get("inputs_embeds")
         current = ids.shape[1] if ids is not None else embeds.shape[1]
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it cache
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             start = mask.shape[1] - current
         elif cache is not None and hasattr(cache, "get_seq_length"):
