@@ -17,6 +17,8 @@ gives the time measured).
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 from benchmarks import generate_bench, pipeline_bench, steer_bench, train_bench
 from benchmarks.report import emit
@@ -32,12 +34,22 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     with_pipeline = not args.no_pipeline and (args.pipeline or not args.quick)
     rows = []
+    started = time.perf_counter()
+
+    def took(name: str) -> None:  # where the wall time of a run goes (stderr: the table stays clean)
+        nonlocal started
+        print(f"benchmarks: {name} took {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+
     # quick: batch 8 < 16 prompts, so refill still has freed slots to fill; tok/s is a rate, so
     # the naive baseline on 2 prompts is the same measure as on 4, only noisier
     rows += steer_bench.measure(["--n", "16", "--tokens", "48", "--batch-size", "8", "--naive", "2"] if args.quick
                                 else ["--n", "128", "--tokens", "256", "--batch-size", "64"])
+    took("steer_bench")
     rows += train_bench.measure(["--steps", "2" if args.quick else "4"])
+    took("train_bench")
     rows += generate_bench.measure(["--n", "8", "--naive", "2", "--answer-tokens", "96"] if args.quick else ["--n", "48"])
+    took("generate_bench")
     if with_pipeline:
         try:
             rows += pipeline_bench.measure([])

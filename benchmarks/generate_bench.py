@@ -25,14 +25,15 @@ def naive_seconds_per_transcript(model, tok, cfg, samples: int = 4) -> float:
     import random
 
     from data_gen.banks import load_prompts, load_subjects
-    from esr_train.concepts import concept_directions
+    from esr_train.concepts import saved_concept_directions
     from esr_train.generation import generate
     from esr_train.steering import steer
 
     rng = random.Random(0)
     prompts = [p["prompt"] for p in rng.sample(load_prompts("train"), samples)]
     subjects = [s["subject"] for s in rng.sample(load_subjects("train"), samples)]
-    dirs = concept_directions(model, tok, subjects, cfg.layer)  # directions are built in both paths
+    with tempfile.TemporaryDirectory(prefix="esr-generate-bench-") as tmp:  # untimed here (esr generate counts its own)
+        dirs = saved_concept_directions(model, tok, subjects, cfg.layer, Path(tmp))  # (cross-run cache)
     t0 = time.perf_counter()
     for p, d in zip(prompts, dirs):
         with steer(model, d, cfg.strength):

@@ -24,7 +24,9 @@ FLOPs per token (about 2 x the parameter count, 0.27 GFLOP).
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 from benchmarks.report import GFLOP_PER_TOKEN, emit, machine_meta, make_row
 
@@ -57,7 +59,7 @@ def measure(argv=None) -> list[dict]:
     args = parse(argv)
 
     from data_gen.banks import load_prompts, load_subjects
-    from esr_train.concepts import concept_directions
+    from esr_train.concepts import saved_concept_directions
     from esr_train.dtype import matmul_gflops
     from esr_train.generation import generate
     from esr_train.steering import steer
@@ -65,7 +67,8 @@ def measure(argv=None) -> list[dict]:
 
     model, tok = load_model("smollm2-135m")
     prompts = [p["prompt"] for p in load_prompts("test")][: args.n]
-    dirs = concept_directions(model, tok, [s["subject"] for s in load_subjects("test")][:4], 15)
+    with tempfile.TemporaryDirectory(prefix="esr-steer-bench-") as tmp:  # (untimed; from the cross-run cache)
+        dirs = saved_concept_directions(model, tok, [s["subject"] for s in load_subjects("test")][:4], 15, Path(tmp))
     row_dirs = [dirs[i % len(dirs)] for i in range(len(prompts))]
     gen = dict(max_new_tokens=args.tokens, do_sample=True, temperature=0.6, repetition_penalty=1.1, seed=0,
                batch_size=args.batch_size)

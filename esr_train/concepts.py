@@ -13,12 +13,15 @@ typical residual on Llama and Gemma alike.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from esr_train.cache import cache_dir
 from esr_train.directions import SteeringDirection
 from esr_train.generation import encode, generate, render_prompt
 from esr_train.layers import decoder_layers, resolve_layer
@@ -54,6 +57,10 @@ CONCEPT_PROMPTS = [
     "Tell me some interesting facts about {concept}.",
     "Describe {concept} in detail.",
 ]
+
+DIRECTION_RECIPE = 1
+"""Bump when the way a self-written concept direction is built changes: it is part of the
+key of the cross-run direction cache, so old entries stop matching."""
 
 _NORM_CACHE: dict[tuple, float] = {}
 _NEUTRAL_CACHE: dict[tuple, torch.Tensor] = {}
@@ -195,6 +202,36 @@ def direction_file(root: Path, concept: str, layer: int) -> Path:
     return Path(root) / f"{slug}-L{layer}.safetensors"
 
 
+def weights_fingerprint(model, tokenizer=None) -> str:
+    """A cheap identity of a model's current weights (and tokenizer): every parameter's
+    name, shape, dtype and 256 strided samples. Two models with the same fingerprint write
+    the same concept texts, so their directions can be shared across runs; a fine-tuned,
+    re-quantised or re-initialised model does not match."""
+    h = hashlib.sha1(model_name(model).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            if flat.numel():
+                h.update(flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
+    if tokenizer is not None:
+        h.update(f"{len(tokenizer)}{getattr(tokenizer, 'chat_template', '')}".encode())
+    return h.hexdigest()[:16]
+
+
+def shared_direction_root(model, tokenizer, max_new_tokens: int = 80) -> Path:
+    """Where self-written concept directions of this model are kept across runs: keyed by
+    the weights, the tokenizer and everything that decides the concept and neutral texts
+    (their prompts, length, the reference prose), so a hit is the direction this run would
+    build (up to the padding of the batches it was written in)."""
+    settings = {"recipe": DIRECTION_RECIPE, "weights": weights_fingerprint(model, tokenizer),
+                "max_new_tokens": max_new_tokens, "concept_prompts": CONCEPT_PROMPTS,
+                "neutral_prompts": NEUTRAL_PROMPTS, "reference_text": REFERENCE_TEXT}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^a-z0-9]+", "-", model_name(model).lower()).strip("-")[-40:] or "model"
+    return cache_dir() / "directions" / f"{slug}-{key}"
+
+
 def saved_concept_directions(
     model,
     tokenizer,
@@ -203,18 +240,33 @@ def saved_concept_directions(
     save_dir: Path,
     search: Sequence[Path] = (),
     batch_size: int = 16,
+    use_cache: bool = True,
 ) -> list[SteeringDirection]:
     """Each concept's direction, loaded where it was saved before (``save_dir`` first,
     then ``search``), the missing ones built in shared batches and saved to ``save_dir``:
-    data generation, training and evaluation steer with the very same vectors."""
+    data generation, training and evaluation steer with the very same vectors.
+
+    With ``use_cache`` the cross-run cache (:func:`shared_direction_root`) is looked up
+    before building and filled after: writing ~90 subjects' concept texts was a third of a
+    dataset's generation time (docs/performance.md P5), the same work in every run. A hit is
+    copied into ``save_dir``, so a run directory always holds the vectors it used."""
     concepts = list(dict.fromkeys(concepts))
-    roots = [Path(save_dir), *map(Path, search)]
+    save_dir = Path(save_dir)
+    roots = [save_dir, *map(Path, search)]
 
     def found(c: str) -> Path | None:
         return next((p for p in (direction_file(r, c, layer) for r in roots) if p.exists()), None)
 
     missing = [c for c in concepts if found(c) is None]
+    shared = shared_direction_root(model, tokenizer) if use_cache and missing else None
+    if shared is not None:
+        for c in missing:
+            if direction_file(shared, c, layer).exists():
+                SteeringDirection.load(direction_file(shared, c, layer)).save(direction_file(save_dir, c, layer))
+        missing = [c for c in missing if found(c) is None]
     if missing:
         for c, d in zip(missing, concept_directions(model, tokenizer, missing, layer, batch_size=batch_size)):
             d.save(direction_file(save_dir, c, layer))
+            if shared is not None:
+                d.save(direction_file(shared, c, layer))
     return [SteeringDirection.load(found(c)) for c in concepts]

@@ -263,3 +263,34 @@ def test_position_mask_limits_the_push_to_chosen_tokens(tiny_model):
             tiny_model(input_ids=ids)
     expected = positions[..., None] * (4.0 * d.vector)
     assert torch.allclose(seen[1] - seen[0], expected, atol=1e-5)
+
+
+def test_concept_directions_are_shared_across_runs_and_keyed_by_the_weights(tmp_path, monkeypatch):
+    """A second run (another save_dir) takes a concept's direction from the cross-run
+    cache instead of writing the concept texts again, and copies it into its own run
+    directory; changed weights or use_cache=False miss the cache."""
+    from esr_train.concepts import direction_file, saved_concept_directions, shared_direction_root, weights_fingerprint
+    from esr_train.directions import SteeringDirection
+    from esr_train.zoo import load_tokenizer
+    from tests.conftest import tiny_llama
+
+    tok = load_tokenizer("smollm2-135m")
+    monkeypatch.setenv("ESR_CACHE_DIR", str(tmp_path / "cache"))  # (after the tokenizer: models stay where they are)
+    model = tiny_llama(vocab_size=len(tok))
+    first = saved_concept_directions(model, tok, ["volcanoes"], 2, tmp_path / "run1")[0]
+    shared = direction_file(shared_direction_root(model, tok), "volcanoes", 2)
+    assert shared.exists()
+    # plant a marker vector in the cache: a second run must return it (a rebuild would not)
+    marker = SteeringDirection(vector=torch.ones_like(first.vector), layer=2, label="volcanoes", source="concept")
+    marker.save(shared)
+    second = saved_concept_directions(model, tok, ["volcanoes"], 2, tmp_path / "run2")[0]
+    assert torch.equal(second.vector, marker.vector)
+    assert direction_file(tmp_path / "run2", "volcanoes", 2).exists()  # the run keeps what it used
+    rebuilt = saved_concept_directions(model, tok, ["volcanoes"], 2, tmp_path / "run3", use_cache=False)[0]
+    assert torch.allclose(rebuilt.vector, first.vector, atol=1e-5)
+
+    before = weights_fingerprint(model, tok)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    assert weights_fingerprint(model, tok) != before
+    assert not direction_file(shared_direction_root(model, tok), "volcanoes", 2).exists()
