@@ -315,6 +315,26 @@ def _report(args) -> int:
     return 0
 
 
+def _add_pool(sub) -> None:
+    p = sub.add_parser("pool", help="pool a condition over training seeds: rates over all trials and the spread between seeds",
+                       description="Each group is NAME=RUN_DIR:CONDITION[,RUN_DIR:CONDITION...], e.g. "
+                                   "recipe=runs/s0/eval:adapter,runs/s1/eval:adapter (eval/pooling.py)")
+    p.add_argument("groups", nargs="+", help="NAME=RUN_DIR:CONDITION[,...]")
+    p.add_argument("--json", help="also write the pooled results here")
+    p.set_defaults(func=_pool)
+
+
+def _pool(args) -> int:
+    from esr_train.cache import atomic_write_json
+    from eval.pooling import format_pooled, pool
+
+    groups = pool(args.groups)
+    print(format_pooled(groups))
+    if args.json:
+        atomic_write_json(args.json, groups)
+    return 0
+
+
 def _add_pipeline(sub) -> None:
     p = sub.add_parser("pipeline", help="generate -> train -> eval -> report in one run directory (resumable)",
                        description="Overrides go to one section: --data.n 100 --train.max_steps 40 --eval.trials 50")
@@ -363,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judge(sub)
     _add_judge_agreement(sub)
     _add_report(sub)
+    _add_pool(sub)
     _add_pipeline(sub)
     return parser
 
@@ -387,13 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     from esr_train.training.trainer import TrainError
     from eval.config import EvalConfigError
     from eval.judge_files import JudgeFileError
+    from eval.pooling import PoolError
 
     try:
         if getattr(args, "accepts_overrides", False):
             args.overrides = parse_overrides(extra)
         return int(args.func(args) or 0)
     except (ModelLoadError, DirectionError, LayerError, RecipeError, BankError, GenerateError, TrainError,
-            SweepError, EvalConfigError, JudgeFileError) as exc:
+            SweepError, EvalConfigError, JudgeFileError, PoolError) as exc:
         print(f"esr {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
