@@ -12,18 +12,35 @@ from collections.abc import Sequence
 
 import torch
 
+LOGITS_BUDGET = 256 * 2**20
+"""Most logits (floats) one forward pass may hold: rows x width x vocabulary. Gemma 3's
+262k vocabulary at the eval batch of 64 and ~200 tokens is 3.4 G floats (13 GB), which
+was the 11.6 GB peak of a Gemma evaluation (docs/results.md R14); rows beyond the budget
+go in further passes."""
+
+
+def _rows_per_pass(width: int, vocab: int, batch_size: int, budget: int = LOGITS_BUDGET) -> int:
+    return max(1, min(batch_size, budget // max(1, width * vocab)))
+
 
 @torch.inference_mode()
-def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8) -> float | None:
+def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8,
+                      logits_budget: int = LOGITS_BUDGET) -> float | None:
     """exp(mean negative log-likelihood per answer token), answers scored after the chat-
-    formatted prompt; the prompt tokens are context only."""
+    formatted prompt; the prompt tokens are context only. Each pass holds at most
+    ``logits_budget`` logits (fewer rows than ``batch_size`` for long rows or a big
+    vocabulary); the result does not depend on how rows are grouped."""
     from esr_train.generation import render_prompt
 
     device = next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
     total_nll, total_tokens = 0.0, 0
     pairs = [(render_prompt(tokenizer, p), a) for p, a in zip(prompts, answers) if a.strip()]
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
+    i = 0
+    while i < len(pairs):
+        longest = max(len(tokenizer(h + a, add_special_tokens=False)["input_ids"]) for h, a in pairs[i:i + batch_size])
+        chunk = pairs[i:i + _rows_per_pass(longest, vocab, batch_size, logits_budget)]
+        i += len(chunk)
         heads = [tokenizer(h, add_special_tokens=False)["input_ids"] for h, _ in chunk]
         full = [tokenizer(h + a, add_special_tokens=False)["input_ids"] for h, a in chunk]
         width = max(len(f) for f in full)

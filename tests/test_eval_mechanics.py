@@ -355,3 +355,25 @@ def test_build_summary_absolute_strength_sweep_pools_levels() -> None:
         summary = build_summary(trials, ["base", "adapter"], config={"strengths": strengths, "sweep_unit": "strength"})
         assert summary["conditions"]["base"]["steered"]["n"] == 5
         assert summary["sweep"]["levels"] == [0.5, 1.0]
+
+
+def test_perplexity_holds_a_bounded_number_of_logits_and_does_not_depend_on_grouping():
+    """The eval batch (64 rows) x Gemma's 262k vocabulary held 13 GB of logits at once;
+    a budget splits the rows into more passes without changing the perplexity."""
+    from eval.capability import _rows_per_pass, answer_perplexity
+    from esr_train.zoo import load_tokenizer
+    from tests.conftest import tiny_llama
+
+    assert _rows_per_pass(200, 262_144, 64) == 5 and _rows_per_pass(200, 49_152, 64) == 27
+    assert _rows_per_pass(10_000, 262_144, 64) == 1 and _rows_per_pass(10, 128, 8) == 8
+    tok = load_tokenizer("smollm2-135m")
+    model = tiny_llama(vocab_size=len(tok), max_position_embeddings=512)
+    prompts = ["How do you make tea?", "Explain how to add two fractions with different denominators.",
+               "How do you tie a shoelace?", "Explain how to save money."]
+    answers = ["Boil water, steep the leaves for three minutes, then pour.", "Find a common denominator first.",
+               "Cross the laces, loop one, wrap the other around it and pull both loops tight.", "Spend less."]
+    together = answer_perplexity(model, tok, prompts, answers, batch_size=8)
+    one_by_one = answer_perplexity(model, tok, prompts, answers, batch_size=8, logits_budget=1)
+    assert together == pytest.approx(one_by_one, rel=1e-5)
+    # a different answer set gives a different value (the comparison above could fail)
+    assert answer_perplexity(model, tok, prompts, answers[::-1], batch_size=8) != pytest.approx(together, rel=1e-3)
