@@ -43,11 +43,22 @@ def parse_group(spec: str) -> tuple[str, list[Member]]:
         raise PoolError(f"group {spec!r}: expected NAME=RUN_DIR:CONDITION[,RUN_DIR:CONDITION...]")
     members = []
     for part in rest.split(","):
-        run, sep, cond = part.strip().rpartition(":")
-        if not sep or not run or not cond:
+        run, cond = _split_member(part.strip())
+        if not run or not cond:
             raise PoolError(f"group {name!r}: member {part!r} is not RUN_DIR:CONDITION")
         members.append(Member(Path(run), cond))
     return name.strip(), members
+
+
+def _split_member(part: str) -> tuple[str, str]:
+    """RUN_DIR:CONDITION where conditions hold colons themselves (``adapter:NAME``,
+    ``base+metaprompt:notice``): the run is the shortest prefix that is a directory,
+    else everything before the first colon."""
+    cuts = [i for i, ch in enumerate(part) if ch == ":"]
+    for i in cuts:
+        if Path(part[:i]).is_dir():
+            return part[:i], part[i + 1:]
+    return (part[:cuts[0]], part[cuts[0] + 1:]) if cuts else ("", "")
 
 
 def member_trials(member: Member) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ def two_seeds(tmp_path):
     a = write_run(tmp_path / "s0", [trial("adapter", True, [10, 80]), trial("adapter", True, [50, 20]),
                                     trial("adapter", True, [90]), trial("adapter", True, [40]),
                                     trial("adapter", False, [85]), trial("adapter", False, [88]),
-                                    trial("base", True, [5])])
+                                    trial("base", True, [5]), trial("adapter:seed0", True, [20, 60])])
     b = write_run(tmp_path / "s1", [trial("adapter", True, [30])] * 4 +
                   [trial("adapter", False, [70, 90]), trial("adapter", False, [80])])
     return a, b
@@ -50,6 +50,8 @@ def test_esr_pool_prints_the_table_and_writes_json(two_seeds, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "recipe (2 pooled)" in printed and "25.0 [" in printed and "sd 35.4" in printed
     assert json.loads(out.read_text())["base"]["steered"]["n"] == 1
+    # conditions named with a colon (adapter:NAME, base+metaprompt:ID) split after the run directory
+    assert pool([f"s={a}:adapter:seed0"])["s"]["steered"]["n_esr"] == 1
 
 
 def test_pool_errors_name_the_group_file_or_condition(two_seeds, tmp_path, capsys):
@@ -58,7 +60,7 @@ def test_pool_errors_name_the_group_file_or_condition(two_seeds, tmp_path, capsy
         parse_group("no-equals-sign")
     with pytest.raises(PoolError, match="'nocolon' is not RUN_DIR:CONDITION"):
         parse_group("g=nocolon")
-    with pytest.raises(PoolError, match=r"no trials of condition 'ghost'; it has adapter, base"):
+    with pytest.raises(PoolError, match=r"no trials of condition 'ghost'; it has adapter, adapter:seed0, base"):
         pool([f"g={a}:ghost"])
     (a / "trials.jsonl").write_text('{"condition": "adapter", "steered": true, "attempts": []}\n{torn')
     assert main(["pool", f"g={a}:adapter"]) == 1
