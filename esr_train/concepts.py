@@ -208,15 +208,45 @@ def weights_fingerprint(model, tokenizer=None) -> str:
     the same concept texts, so their directions can be shared across runs; a fine-tuned,
     re-quantised or re-initialised model does not match."""
     h = hashlib.sha1(model_name(model).encode())
+    silent = _silent_adapter_params(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name in silent:
+                continue
             flat = p.detach().reshape(-1)
+            # a PEFT wrapper renames the base weights; with its adapters off it is the base model
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
             h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
             if flat.numel():
                 h.update(flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
     if tokenizer is not None:
         h.update(f"{len(tokenizer)}{getattr(tokenizer, 'chat_template', '')}".encode())
     return h.hexdigest()[:16]
+
+
+def _silent_adapter_params(model) -> set[str]:
+    """Names of PEFT adapter parameters that do not act in the current forward pass
+    (adapters disabled, as evaluation does to build directions on the base weights, or
+    not the active one), so they do not change the fingerprint."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return set()
+    silent: set[str] = set()
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, BaseTunerLayer):
+            continue
+        active = set() if mod.disable_adapters else set(mod.active_adapters)
+        for layer_name in mod.adapter_layer_names:
+            for adapter, sub in getattr(mod, layer_name).items():
+                if adapter in active:
+                    continue
+                prefix = f"{mod_name}.{layer_name}.{adapter}"
+                if isinstance(sub, torch.nn.Parameter):
+                    silent.add(prefix)
+                else:
+                    silent.update(f"{prefix}.{n}" for n, _ in sub.named_parameters())
+    return silent
 
 
 def shared_direction_root(model, tokenizer, max_new_tokens: int = 80) -> Path:

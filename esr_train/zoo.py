@@ -264,7 +264,8 @@ def load_model(
 def model_name(model) -> str:
     """The zoo name or path a model was loaded from (also through a PEFT wrapper)."""
     config = getattr(model, "config", None)
-    return getattr(config, "esr_model_name", None) or getattr(config, "_name_or_path", "") or type(model).__name__
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(config, "esr_model_name", None) or getattr(config, "_name_or_path", "") or type(base).__name__
 
 
 def steer_layer(name: str, model, layer: int | None = None) -> int:

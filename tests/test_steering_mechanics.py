@@ -294,3 +294,22 @@ def test_concept_directions_are_shared_across_runs_and_keyed_by_the_weights(tmp_
         model.model.layers[0].mlp.down_proj.weight.mul_(1.01)
     assert weights_fingerprint(model, tok) != before
     assert not direction_file(shared_direction_root(model, tok), "volcanoes", 2).exists()
+
+
+def test_weights_fingerprint_sees_an_active_adapter_but_not_a_disabled_one():
+    """Evaluation builds directions on the base weights with its adapters disabled: that
+    must hit the same cache entry as the plain model; an active adapter must not."""
+    from peft import LoraConfig, get_peft_model
+
+    from esr_train.concepts import weights_fingerprint
+    from tests.conftest import tiny_llama
+
+    plain = weights_fingerprint(tiny_llama())
+    wrapped = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)  # an adapter that changes the outputs
+    with wrapped.disable_adapter():
+        assert weights_fingerprint(wrapped) == plain
+    assert weights_fingerprint(wrapped) != plain
