@@ -66,6 +66,9 @@ class GenerateConfig:
     concurrency: int = field(default=4, metadata={"help": "llm backend: requests in flight"})
     requests_per_minute: float | None = field(default=None, metadata={"help": "llm backend: rate limit"})
     overgenerate: float = field(default=1.6, metadata={"help": "self backend: jobs planned per needed row (filters reject some)"})
+    adapter: str | None = field(default=None, metadata={
+        "help": "self backend: a LoRA adapter (esr train's output) that writes the distractions and answers: an "
+                "on-policy second round, the drifts the adapter still makes as its next lesson"})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -82,6 +85,11 @@ class GenerateConfig:
             raise GenerateError("the template backend needs template_file (a JSONL of prompt/answer/distraction rows)")
         if self.backend == "llm" and not (self.base_url and self.llm_model):
             raise GenerateError("the llm backend needs base_url and llm_model")
+        if self.adapter is not None:
+            if self.backend != "self":
+                raise GenerateError(f"adapter is for the self backend, not {self.backend!r}")
+            if not (Path(self.adapter) / "adapter_config.json").exists():
+                raise GenerateError(f"adapter: no adapter_config.json in {self.adapter}")
 
     def fingerprint(self) -> dict:
         return asdict(self)
@@ -181,15 +189,30 @@ def _timed(stage_s: Counter, stage: str):
         stage_s[stage] += time.perf_counter() - t0
 
 
+def _self_model(cfg: GenerateConfig):
+    """The writer of the self backend: the zoo model, or the model with ``cfg.adapter``
+    active; the label keys the generation caches (an adapter's by its weights)."""
+    from esr_train.zoo import load_model
+
+    model, tok = load_model(cfg.model, dtype=cfg.dtype)
+    if cfg.adapter is None:
+        return model, tok, cfg.model
+    from peft import PeftModel
+
+    from esr_train.concepts import weights_fingerprint
+
+    model = PeftModel.from_pretrained(model, cfg.adapter)
+    model.eval()
+    return model, tok, f"{cfg.model}+adapter:{weights_fingerprint(model)}"
+
+
 def _run_self(cfg, out, plans, counts, rejected, backend_impl, stage_s: Counter) -> dict[str, list[Transcript]]:
     from data_gen.backends.self_backend import SelfBackend, SelfConfig
 
     if backend_impl is None:
-        from esr_train.zoo import load_model
-
         with _timed(stage_s, "load_model"):
-            model, tok = load_model(cfg.model, dtype=cfg.dtype)
-        backend_impl = SelfBackend(model, tok, cfg.model, SelfConfig(
+            model, tok, label = _self_model(cfg)
+        backend_impl = SelfBackend(model, tok, label, SelfConfig(
             layer=cfg.layer, strength=cfg.strength, schedule=cfg.schedule, distraction_tokens=cfg.distraction_tokens,
             answer_tokens=cfg.answer_tokens, answer_repetition_penalty=cfg.answer_repetition_penalty,
             answer_temperature=cfg.answer_temperature, temperature=cfg.temperature, batch_size=cfg.batch_size),
@@ -209,7 +232,7 @@ def _run_self(cfg, out, plans, counts, rejected, backend_impl, stage_s: Counter)
                 rejected[f"answer:{bad_answer[job['prompt']]}"] += 1
                 continue
             kept.append(Transcript(job["prompt"], answers[job["prompt"]], "normal", backend="self",
-                                   model=cfg.model, seed=job["seed"]))
+                                   model=backend_impl.label, seed=job["seed"]))
         usable = [j for j in sc_jobs if not bad_answer[j["prompt"]]]
         rejected["answer_for_self_correction"] += len(sc_jobs) - len(usable)
         with _timed(stage_s, "directions"):  # built and held here; the distraction stage reuses them
@@ -230,7 +253,7 @@ def _run_self(cfg, out, plans, counts, rejected, backend_impl, stage_s: Counter)
                 rejected[problem] += 1
                 continue
             kept.append(Transcript(job["prompt"], answers[job["prompt"]], "self_correction", texts[job["id"]],
-                                   job["restart"], job["subject"], "self", cfg.model, job["seed"]))
+                                   job["restart"], job["subject"], "self", backend_impl.label, job["seed"]))
             n_sc += 1
         rows[split] = kept
     return rows

@@ -8,6 +8,9 @@
   without naming it).
 - ``answer_off_topic``: the answer must be closer to the prompt than to the subject and
   reasonably close to the prompt.
+- ``restarted``: no restart language in the distraction or the answer (the restart
+  detector of the evaluation): the parts must be clean, and a fine-tuned model writing its
+  own second-round data restarts by itself now and then.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from data_gen.text import repetitive, word_count
+from eval.attempts import has_restart
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ def answer_problems(prompts: Sequence[str], answers: Sequence[str], subjects: Se
             out[i] = "length"
         elif repetitive(ans):
             out[i] = "repetition"
+        elif has_restart(ans):
+            out[i] = "restarted"
         elif to_prompt[i] < cfg.min_answer_prompt_similarity or (to_subject[i] is not None and to_subject[i] >= to_prompt[i]):
             out[i] = "answer_off_topic"
     return out
@@ -76,6 +82,8 @@ def distraction_problems(prompts: Sequence[str], distractions: Sequence[str], su
             out[i] = "length"
         elif repetitive(text):
             out[i] = "repetition"
+        elif has_restart(text):
+            out[i] = "restarted"
         elif not (keyword_hit(text, subject_keywords(subjects[i])) or to_subject[i] - to_prompt[i] > cfg.subject_margin):
             out[i] = "not_about_subject"
     return out

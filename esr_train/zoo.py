@@ -19,9 +19,10 @@ import importlib.metadata as md
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from esr_train.cache import atomic_directory, atomic_write_json, cache_dir, read_json
 
@@ -259,6 +260,19 @@ def load_model(
     model.eval()
     model.config.esr_model_name = name_or_path
     return model, tokenizer
+
+
+@contextmanager
+def adapters_off(model) -> Iterator[None]:
+    """Run the block on the base weights: a PEFT model's adapters disabled, any other
+    model as it is."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
 
 
 def model_name(model) -> str:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from eval.config import Condition, EvalConfig, EvalConfigError, parse_condition
 from eval.judging import JudgeItem
+from esr_train.zoo import adapters_off
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def as_condition(model, adapter: str | None) -> Iterator[None]:
             raise EvalConfigError(f"condition needs adapter {adapter!r} but none is loaded")
         yield
     elif adapter is None:
-        with model.disable_adapter():
+        with adapters_off(model):
             yield
     else:
         model.set_adapter(adapter)

@@ -103,6 +103,30 @@ def test_config_errors():
         GenerateConfig(backend="template")
 
 
+def test_adapter_option_is_checked(tmp_path):
+    with pytest.raises(GenerateError, match="adapter_config.json"):
+        GenerateConfig(adapter=str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(GenerateError, match="self backend"):
+        GenerateConfig(backend="template", template_file="x.jsonl", adapter=str(tmp_path))
+
+
+def test_parts_with_restart_language_are_rejected():
+    """A part that already restarts is not clean: the restart belongs only in ``restart``
+    (and a fine-tuned model writing its own second round restarts by itself)."""
+    from data_gen.filters import FilterConfig, answer_problems, distraction_problems
+
+    prompt = "How do you boil an egg?"
+    clean = "Put the egg in boiling water for eight minutes, then cool it in cold water and peel it."
+    restarted = ("Put the egg in a pan. Wait, that's not right. Let me start over. Boil the water first, "
+                 "then add the egg for eight minutes.")
+    assert answer_problems([prompt] * 2, [clean, restarted], ["", ""], FilterConfig()) == [None, "restarted"]
+    drift = "Octopuses have three hearts and blue blood. They squeeze through tiny gaps."
+    drift_restarted = "Octopuses have three hearts and blue blood. Wait, no. Octopuses squeeze through tiny gaps."
+    assert distraction_problems([prompt] * 2, [drift, drift_restarted], ["octopuses"] * 2,
+                                FilterConfig()) == [None, "restarted"]
+
+
 def test_cli_generate_template_and_unknown_recipe_key(tmp_path):
     src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     out = subprocess.run([sys.executable, "-m", "esr_train.cli", "generate", "--backend", "template",

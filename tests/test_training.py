@@ -124,6 +124,45 @@ def test_resume_continues_without_repeating_steps(dataset, trained, tmp_path):
     assert steps == [4, 5, 6]
 
 
+def test_several_datasets_train_as_one(dataset, tmp_path):
+    """``--dataset A,B``: each split is the concatenation of the parts (a second round
+    trained with the first); a missing part is named."""
+    from esr_train.training.trainer import TrainError, dataset_paths, load_training_data
+
+    one = load_training_data(dataset_paths(dataset))
+    both = load_training_data(dataset_paths(f"{dataset}, {dataset}"))
+    assert {k: len(v) for k, v in both.items()} == {k: 2 * len(v) for k, v in one.items()}
+    assert list(both["train"]["prompt"]) == list(one["train"]["prompt"]) * 2
+    with pytest.raises(TrainError, match="no dataset at .*nowhere"):
+        dataset_paths(f"{dataset},{tmp_path / 'nowhere'}")
+
+
+def test_second_round_is_written_by_the_adapter_on_base_directions(trained, smollm, tmp_path):
+    """``esr generate --adapter``: the adapter writes the rows (labelled by its weights);
+    the concept directions are the base model's, the cache entry the first round used."""
+    from datasets import load_from_disk
+
+    from esr_train.concepts import direction_file, shared_direction_root
+    from esr_train.directions import SteeringDirection
+    from esr_train.zoo import ZOO
+
+    adapter, _ = trained
+    cfg = GenerateConfig(n=4, mix=0.5, test_size=0.0, seed=2, batch_size=4, answer_tokens=32, distraction_tokens=32,
+                         dtype="float32", adapter=str(adapter))
+    summary = build_dataset(cfg, tmp_path / "round2")
+    assert summary["config"]["adapter"] == str(adapter)
+    rows = list(load_from_disk(str(tmp_path / "round2"))["train"])
+    assert rows and all(r["model"].startswith("smollm2-135m+adapter:") for r in rows)
+    built = sorted((tmp_path / "round2" / ".work" / "directions").glob("*.safetensors"))
+    assert built
+    base_root = shared_direction_root(*smollm)
+    layer = ZOO["smollm2-135m"].default_layer
+    for path in built:
+        d = SteeringDirection.load(path)
+        assert path.name == direction_file(base_root, d.label, layer).name
+        assert torch.equal(d.vector, SteeringDirection.load(direction_file(base_root, d.label, layer)).vector)
+
+
 def test_sweep_draws_equal_sized_mixes(dataset, tmp_path):
     """Each mix gets the same number of rows with the asked share of self-corrections;
     one adapter per mix is trained and listed."""

@@ -6,6 +6,10 @@ subject with the steering core (the same kind of text it produces when steered a
 evaluation time), cut at a sentence boundary after 1-5 sentences so the restart comes at
 different depths. The answer is the model's own unsteered answer to the prompt.
 
+Given a PEFT model (``esr generate --adapter``), the adapter writes both: its own steered
+drifts, the failures it still makes, become the next round's lesson. Concept directions
+are always built on the base weights (adapters off), the same vectors as the first round.
+
 Every generated text is stored in a JSONL cache as soon as its batch finishes, so a
 killed run resumes where it stopped.
 """
@@ -86,11 +90,14 @@ class SelfBackend:
         batches), saved beside the caches and kept in memory, so the builder's directions
         stage and the distraction stage do not both read them from disk."""
         from esr_train.concepts import saved_concept_directions
+        from esr_train.zoo import adapters_off
 
         missing = [s for s in dict.fromkeys(subjects) if s not in self._directions]
         if missing:
-            self._directions.update(zip(missing, saved_concept_directions(
-                self.model, self.tok, missing, self.layer, self.work / "directions", batch_size=self.cfg.batch_size)))
+            with adapters_off(self.model):
+                self._directions.update(zip(missing, saved_concept_directions(
+                    self.model, self.tok, missing, self.layer, self.work / "directions",
+                    batch_size=self.cfg.batch_size)))
         return {s: self._directions[s] for s in dict.fromkeys(subjects)}
 
     def distract(self, jobs: Sequence[dict]) -> dict[str, str]:

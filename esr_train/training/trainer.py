@@ -70,6 +70,38 @@ def dataset_fingerprint(dataset_dir: Path, ds) -> dict:
             "rows": {k: len(v) for k, v in ds.items()}, "generate_config": summary.get("config")}
 
 
+def dataset_paths(spec: str | Path | None) -> list[Path]:
+    """The dataset directories of ``--dataset``: one, or several joined by commas (an
+    on-policy second round trained together with the first)."""
+    paths = [Path(p.strip()) for p in str(spec or "").split(",") if p.strip()]
+    for path in paths or [Path("")]:
+        if not (path / "dataset_dict.json").exists():
+            raise TrainError(f"no dataset at {str(path) or '(none given)'}: run `esr generate` first, or pass --dataset DIR")
+    return paths
+
+
+def _datasets_fingerprint(paths: list[Path], ds) -> dict:
+    """One dataset's fingerprint (the shape ``esr pipeline`` compares), or each part's."""
+    if len(paths) == 1:
+        return dataset_fingerprint(paths[0], ds)
+    from datasets import load_from_disk
+
+    return {"parts": [dataset_fingerprint(p, load_from_disk(str(p))) for p in paths],
+            "rows": {k: len(v) for k, v in ds.items()}}
+
+
+def load_training_data(paths: list[Path]):
+    """The datasets at ``paths`` as one DatasetDict: each split is the concatenation of
+    that split in every dataset that has it, in the order given."""
+    from datasets import DatasetDict, concatenate_datasets, load_from_disk
+
+    parts = [load_from_disk(str(p)) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    splits = dict.fromkeys(split for ds in parts for split in ds)
+    return DatasetDict({split: concatenate_datasets([ds[split] for ds in parts if split in ds]) for split in splits})
+
+
 def resolve_sections(recipe: dict[str, dict], overrides: dict[str, Any], where: str):
     """Model section, (sft, lora, extras) kwargs, with overrides routed to their owner."""
     model_values = dict(recipe.get("model", {}))
@@ -86,7 +118,6 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
           dataset_dir: str | Path | None = None, resume: bool = False, where: str = "recipe") -> dict:
     """Train one adapter; returns the training summary."""
     import torch
-    from datasets import load_from_disk
     from peft import LoraConfig
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
@@ -97,16 +128,14 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
 
     section, sft_kwargs, lora_kwargs, extras = resolve_sections(recipe, overrides or {}, where)
     out = Path(output_dir)
-    data_path = Path(dataset_dir or extras.dataset or "")
-    if not (data_path / "dataset_dict.json").exists():
-        raise TrainError(f"no dataset at {str(data_path) or '(none given)'}: run `esr generate` first, or pass --dataset DIR")
+    data_paths = dataset_paths(dataset_dir or extras.dataset)
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if last and not resume:
         raise TrainError(f"{out} already holds checkpoints ({Path(last).name}); pass --resume to continue, "
                          "or choose another --output_dir")
     cuda = torch.cuda.is_available()
     dtype = resolve_dtype(section.dtype, "cuda" if cuda else "cpu")
-    ds = load_from_disk(str(data_path))
+    ds = load_training_data(data_paths)
     tok = load_tokenizer(section.name)
     max_length = int(sft_kwargs.get("max_length") or 512)
     steer_cols: dict[str, dict] = {}
@@ -161,7 +190,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         # the directions esr generate saved beside the dataset, else built now with the base weights
         layer = steer_layer(section.name, model, extras.steer_layer)
         directions = saved_concept_directions(model, tok, subjects, layer, out / "directions",
-                                              search=[data_path / ".work" / "directions"])
+                                              search=[p / ".work" / "directions" for p in data_paths])
         steering = TrainSteering(directions, extras.steer_strength, extras.steer_schedule, extras.steer_span,
                                  strength_max=extras.steer_strength_max, seed=args.seed)
         trainer = SteeredSFTTrainer(**common, steering=steering)
@@ -184,7 +213,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "train_loss_mean": result.training_loss, "final_eval_loss": final_eval.get("eval_loss"),
         "tokenize": {"train": train_stats, "eval": eval_stats}, "answer_loss_tokens": extras.answer_loss_tokens,
         "normal_loss_tokens": extras.normal_loss_tokens, "normal_skip_tokens": extras.normal_skip_tokens,
-        "dataset": dataset_fingerprint(data_path, ds), "resumed_from": Path(last).name if resume and last else None,
+        "dataset": _datasets_fingerprint(data_paths, ds), "resumed_from": Path(last).name if resume and last else None,
         "lora": {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_kwargs.items()},
         "steering": {"strength": extras.steer_strength, "strength_max": extras.steer_strength_max,
                      "schedule": extras.steer_schedule, "span": extras.steer_span,
@@ -196,7 +225,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     resolved = {"model": {k: getattr(section, k) for k in ModelSection.__dataclass_fields__},
                 "train": {**{k: v for k, v in sft_kwargs.items() if k != "output_dir"}, **lora_kwargs,
                           **{k: getattr(extras, k) for k in TrainExtras.__dataclass_fields__}}}
-    resolved["train"]["dataset"] = str(data_path)
+    resolved["train"]["dataset"] = ",".join(map(str, data_paths))
     atomic_write_text(out / "esr_recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     return summary
 
