@@ -66,6 +66,11 @@ class EvalConfig:
     sweep_factors: list[float] = field(default_factory=list)
     target_score: float = 30.0
     calibration: str = "per_direction"
+    calibrate_on: str = "base"
+    """The model whose first score the calibration sets at ``target_score``: the base (the
+    study's protocol) or an adapter condition's model (``adapter``, ``adapter:NAME``), so a
+    model harder to push is read where it drifts as often as the base does at its own
+    strength (immunity and resistance apart)."""
     calibration_prompts: int = 6
     calibration_probes: int = 5
     strength_init: float = 0.3
@@ -114,6 +119,9 @@ class EvalConfig:
                                   f"known: {', '.join(self.all_metaprompts())}")
         for spec in self.resolved_conditions():
             parse_condition(spec, self.adapter_names(), self.all_metaprompts())
+        if self.calibrate_on != "base" and self.calibrate_on not in self.adapter_names():
+            known = ", ".join(["base", *self.adapter_names()])
+            raise EvalConfigError(f"eval.calibrate_on: unknown model {self.calibrate_on!r}; known: {known}")
 
     def all_metaprompts(self) -> dict[str, str]:
         merged = {**METAPROMPTS, **self.metaprompt_templates}

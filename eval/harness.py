@@ -172,14 +172,21 @@ class EvalRun:
             return {d.label: {"strength": cfg.strength, "target": None, "probes": []} for d in self.directions}
         prompts = self.prompts[: cfg.calibration_prompts]
 
+        on = None if cfg.calibrate_on == "base" else cfg.calibrate_on
+
         def probe(rows):
             batch = [{"prompt": p, "label": d.label, "direction": d, "strength": s} for d, s, p in rows]
-            results = self.judge(batch, self.generate(None, batch, cfg.seed))
+            results = self.judge(batch, self.generate(on, batch, cfg.seed))
             return [r.attempts[0]["score"] if r.attempts and r.error is None else None for r in results]
 
         settings = {"model": cfg.model, "layer": self.layer, "judge": self.judge_.name, "schedule": cfg.schedule,
                     "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                     "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed, "dtype": str(self.model.dtype)}
+        if on is not None:  # the cache must not hand an adapter the base's strengths
+            from esr_train.concepts import weights_fingerprint
+
+            with as_condition(self.model, on):
+                settings["calibrate_on"] = weights_fingerprint(self.model)
         return calibrate(self.directions, prompts, probe, target=cfg.target_score, rounds=cfg.calibration_probes,
                          start=cfg.strength_init, hi=cfg.strength_max, shared=cfg.calibration == "shared",
                          settings=settings)

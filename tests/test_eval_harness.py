@@ -247,6 +247,26 @@ def test_adapter_condition(main_run, smollm, lora_adapter, tmp_path) -> None:
             pass
 
 
+def test_calibration_on_an_adapter_probes_the_adapter(main_run, smollm, lora_adapter, tmp_path) -> None:
+    """``calibrate_on: adapter`` sets the strengths where the adapter's first score meets
+    the target: its probes are the adapter's texts, never the base's cached ones."""
+    model, tok = smollm
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(main_run[0] / "directions", run_dir / "directions")
+    shutil.copy(main_run[0] / "references.jsonl", run_dir / "references.jsonl")
+    cfg = EvalConfig(**{**GRID, "adapters": [str(lora_adapter)], "conditions": ["base", "adapter"],
+                        "calibrate_on": "adapter"})
+    run = EvalRun(cfg, run_dir, model_and_tokenizer=(copy.deepcopy(model), tok), progress=False)
+    run.prepare()
+    on_adapter = run.calibrate()
+    on_base = main_run[1]["calibration"]
+    assert set(on_adapter) == set(on_base)
+    assert any(on_adapter[k]["probes"] != on_base[k]["probes"] for k in on_base)
+    with pytest.raises(EvalConfigError, match="calibrate_on: unknown model 'adapter:x'; known: base, adapter"):
+        EvalConfig(**{**GRID, "adapters": [str(lora_adapter)], "calibrate_on": "adapter:x"})
+
+
 def test_cli_judge_and_report(main_run, tmp_path, capsys) -> None:
     rows = [
         {"prompt": "How do you make a cup of tea?", "concept": "volcanoes",
