@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 # values cannot be resumed with these (the mix would be meaningless).
 _TRIAL_FIELDS = ("model", "dtype", "adapters", "metaprompt_templates", "prompts", "directions", "concepts", "sae", "sae_id",
                  "latents", "vectors", "layer", "schedule", "strength", "strengths", "sweep_factors", "target_score",
-                 "calibration", "max_new_tokens", "temperature", "repetition_penalty", "seed", "judge", "judge_model")
+                 "calibration", "calibrate_on", "max_new_tokens", "temperature", "repetition_penalty", "seed", "judge",
+                 "judge_model")
+# what a run directory written before a setting existed holds for it
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not dataclasses.MISSING}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +107,7 @@ class EvalRun:
         settings = dataclasses.asdict(cfg)
         previous = read_json(self.out / "eval_config.json")
         if previous:
-            changed = [k for k in _TRIAL_FIELDS if previous.get(k) != settings.get(k)]
+            changed = [k for k in _TRIAL_FIELDS if previous.get(k, _DEFAULTS.get(k)) != settings.get(k)]
             if changed:
                 raise EvalConfigError(f"{self.out}: holds a run made with other settings ({', '.join(changed)}); "
                                       f"use a new --out or delete it")

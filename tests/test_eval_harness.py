@@ -188,6 +188,11 @@ def test_run_dir_with_other_settings_is_refused(main_run, smollm, tmp_path) -> N
     assert (run / "eval_config.json").read_text(encoding="utf-8") == saved
     # settings that do not change what a trial is (batching, sizes) may differ on resume
     EvalRun(EvalConfig(**{**GRID, "batch_size": 4, "trials": 8}), run, model_and_tokenizer=smollm, progress=False)
+    # a run directory written before a setting existed holds its default
+    older = json.loads(saved)
+    del older["calibrate_on"]
+    (run / "eval_config.json").write_text(json.dumps(older), encoding="utf-8")
+    EvalRun(EvalConfig(**GRID), run, model_and_tokenizer=smollm, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +268,10 @@ def test_calibration_on_an_adapter_probes_the_adapter(main_run, smollm, lora_ada
     on_base = main_run[1]["calibration"]
     assert set(on_adapter) == set(on_base)
     assert any(on_adapter[k]["probes"] != on_base[k]["probes"] for k in on_base)
+    # strengths searched on another model make other trials: the run directory refuses it
+    with pytest.raises(EvalConfigError, match=r"other settings \(calibrate_on\)"):
+        EvalRun(EvalConfig(**{**GRID, "adapters": [str(lora_adapter)], "conditions": ["base", "adapter"]}), run_dir,
+                model_and_tokenizer=smollm, progress=False)
     with pytest.raises(EvalConfigError, match="calibrate_on: unknown model 'adapter:x'; known: base, adapter"):
         EvalConfig(**{**GRID, "adapters": [str(lora_adapter)], "calibrate_on": "adapter:x"})
 
