@@ -36,19 +36,20 @@ def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequenc
     vocab = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
     total_nll, total_tokens = 0.0, 0
     pairs = [(render_prompt(tokenizer, p), a) for p, a in zip(prompts, answers) if a.strip()]
+    # (prompt tokens, prompt + answer tokens) of every row, tokenized once
+    rows = [(tokenizer(h, add_special_tokens=False)["input_ids"], tokenizer(h + a, add_special_tokens=False)["input_ids"])
+            for h, a in pairs]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     i = 0
-    while i < len(pairs):
-        longest = max(len(tokenizer(h + a, add_special_tokens=False)["input_ids"]) for h, a in pairs[i:i + batch_size])
-        chunk = pairs[i:i + _rows_per_pass(longest, vocab, batch_size, logits_budget)]
+    while i < len(rows):
+        longest = max(len(f) for _, f in rows[i:i + batch_size])
+        chunk = rows[i:i + _rows_per_pass(longest, vocab, batch_size, logits_budget)]
         i += len(chunk)
-        heads = [tokenizer(h, add_special_tokens=False)["input_ids"] for h, _ in chunk]
-        full = [tokenizer(h + a, add_special_tokens=False)["input_ids"] for h, a in chunk]
-        width = max(len(f) for f in full)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        width = max(len(f) for _, f in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         labels = torch.full_like(ids, -100)
-        for row, (h, f) in enumerate(zip(heads, full)):
+        for row, (h, f) in enumerate(chunk):
             ids[row, :len(f)] = torch.tensor(f)
             mask[row, :len(f)] = 1
             labels[row, len(h):len(f)] = torch.tensor(f[len(h):])
