@@ -129,10 +129,11 @@ def test_several_datasets_train_as_one(dataset, tmp_path):
     trained with the first); a missing part is named."""
     from esr_train.training.trainer import TrainError, dataset_paths, load_training_data
 
-    one = load_training_data(dataset_paths(dataset))
-    both = load_training_data(dataset_paths(f"{dataset}, {dataset}"))
+    one, one_fingerprint = load_training_data(dataset_paths(dataset))
+    both, both_fingerprint = load_training_data(dataset_paths(f"{dataset}, {dataset}"))
     assert {k: len(v) for k, v in both.items()} == {k: 2 * len(v) for k, v in one.items()}
     assert list(both["train"]["prompt"]) == list(one["train"]["prompt"]) * 2
+    assert both_fingerprint["parts"] == [one_fingerprint, one_fingerprint]
     with pytest.raises(TrainError, match="no dataset at .*nowhere"):
         dataset_paths(f"{dataset},{tmp_path / 'nowhere'}")
 

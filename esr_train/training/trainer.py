@@ -80,26 +80,19 @@ def dataset_paths(spec: str | Path | None) -> list[Path]:
     return paths
 
 
-def _datasets_fingerprint(paths: list[Path], ds) -> dict:
-    """One dataset's fingerprint (the shape ``esr pipeline`` compares), or each part's."""
-    if len(paths) == 1:
-        return dataset_fingerprint(paths[0], ds)
-    from datasets import load_from_disk
-
-    return {"parts": [dataset_fingerprint(p, load_from_disk(str(p))) for p in paths],
-            "rows": {k: len(v) for k, v in ds.items()}}
-
-
 def load_training_data(paths: list[Path]):
-    """The datasets at ``paths`` as one DatasetDict: each split is the concatenation of
-    that split in every dataset that has it, in the order given."""
+    """The datasets at ``paths`` as one DatasetDict (each split the concatenation of that
+    split in every dataset that has it, in the order given) and its fingerprint: one
+    dataset's (the shape ``esr pipeline`` compares), or each part's."""
     from datasets import DatasetDict, concatenate_datasets, load_from_disk
 
     parts = [load_from_disk(str(p)) for p in paths]
     if len(parts) == 1:
-        return parts[0]
+        return parts[0], dataset_fingerprint(paths[0], parts[0])
     splits = dict.fromkeys(split for ds in parts for split in ds)
-    return DatasetDict({split: concatenate_datasets([ds[split] for ds in parts if split in ds]) for split in splits})
+    ds = DatasetDict({split: concatenate_datasets([d[split] for d in parts if split in d]) for split in splits})
+    return ds, {"parts": [dataset_fingerprint(p, d) for p, d in zip(paths, parts)],
+                "rows": {k: len(v) for k, v in ds.items()}}
 
 
 def resolve_sections(recipe: dict[str, dict], overrides: dict[str, Any], where: str):
@@ -135,7 +128,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
                          "or choose another --output_dir")
     cuda = torch.cuda.is_available()
     dtype = resolve_dtype(section.dtype, "cuda" if cuda else "cpu")
-    ds = load_training_data(data_paths)
+    ds, data_fingerprint = load_training_data(data_paths)
     tok = load_tokenizer(section.name)
     max_length = int(sft_kwargs.get("max_length") or 512)
     steer_cols: dict[str, dict] = {}
@@ -213,7 +206,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "train_loss_mean": result.training_loss, "final_eval_loss": final_eval.get("eval_loss"),
         "tokenize": {"train": train_stats, "eval": eval_stats}, "answer_loss_tokens": extras.answer_loss_tokens,
         "normal_loss_tokens": extras.normal_loss_tokens, "normal_skip_tokens": extras.normal_skip_tokens,
-        "dataset": _datasets_fingerprint(data_paths, ds), "resumed_from": Path(last).name if resume and last else None,
+        "dataset": data_fingerprint, "resumed_from": Path(last).name if resume and last else None,
         "lora": {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_kwargs.items()},
         "steering": {"strength": extras.steer_strength, "strength_max": extras.steer_strength_max,
                      "schedule": extras.steer_schedule, "span": extras.steer_span,
