@@ -21,6 +21,12 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.findall(text) if re.search(r"\w", s)]
 
 
+def sentence_ends(text: str) -> list[int]:
+    """Offsets just past each complete sentence of ``text`` as written (newlines and lists
+    kept), so a cut at one of them leaves the text exactly as the model wrote it."""
+    return [m.end() for m in _SENTENCE.finditer(text) if re.search(r"\w", m.group())]
+
+
 def first_sentences(text: str, n: int) -> str:
     """The first ``n`` complete sentences (fewer if the text has fewer), or ''."""
     return " ".join(sentences(text)[:n])

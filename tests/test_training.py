@@ -231,3 +231,62 @@ def test_ranged_training_push_is_per_row_reproducible_and_checked():
         TrainSteering([], 0.3, strength_max=0.1)
     with pytest.raises(RecipeError, match="train.steer_strength_max"):
         TrainExtras(steer_strength=0.3, steer_strength_max=0.1)
+
+
+WEIGHT = 1.0
+UL_ROWS = [
+    {"prompt": "How do you cook rice?", "answer": "Rinse the rice first. Use two cups of water per cup of rice. "
+     "Simmer it covered for fifteen minutes.", "split": "train"},
+    {"prompt": "How do you clean a window?", "answer": "Mix warm water with a little soap. Wipe the glass with a "
+     "cloth. Dry it with newspaper to avoid streaks.", "split": "train"},
+    {"prompt": "How do you plant a seed?", "answer": "Fill a pot with damp soil. Press the seed a finger deep. "
+     "Keep it warm and watered.", "split": "train"},
+    {"prompt": "How do you iron a shirt?", "answer": "Heat the iron to the fabric's setting. Press the collar first.",
+     "distraction": "Owls hunt at night. They can turn their heads very far.", "subject": "owls", "split": "train"},
+    {"prompt": "How do you boil an egg?", "answer": "Put the egg in boiling water for eight minutes.",
+     "distraction": "Mars is the red planet. Its dust is full of iron.", "subject": "Mars", "split": "train"},
+]
+
+
+def _restart_log_prob(model, tok, negatives) -> float:
+    """Mean log p of the restart tokens after each negative's on-topic opener."""
+    from esr_train.training.tokenize import IGNORE, tokenize_row
+
+    total, n = 0.0, 0
+    for row in negatives:
+        enc = tokenize_row(row, tok, max_length=512)
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        for t, target in enumerate(enc["unlikely"][1:]):
+            if target != IGNORE:
+                total, n = total + logp[t, target].item(), n + 1
+    return total / n
+
+
+def test_unlikelihood_makes_restarts_after_on_topic_openers_less_likely(tmp_path):
+    """One negative per cuttable normal row is added; against a control that trains the
+    same rows in the same order with a negligible weight, the adapter trained with
+    unlikelihood gives the restart after an on-topic opener a lower probability."""
+    from datasets import load_from_disk
+    from peft import PeftModel
+
+    from esr_train.training.trainer import train
+    from esr_train.training.unlikelihood import false_restart_rows
+    from esr_train.zoo import load_model
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in UL_ROWS), encoding="utf-8")
+    build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
+    fast = {**RECIPE["train"], "max_steps": 4, "save_steps": 4, "eval_split": None}
+    runs = {name: train({**RECIPE, "train": {**fast, "unlikelihood_weight": w}}, tmp_path / name,
+                        dataset_dir=tmp_path / "ds") for name, w in (("control", 1e-9), ("ul", WEIGHT))}
+    assert runs["ul"]["unlikelihood"] == {"weight": WEIGHT, "false_restart_rows": 3, "sentences": 3}
+    assert runs["ul"]["tokenize"]["train"]["rows_kept"] == 8 and runs["ul"]["tokenize"]["train"]["unlikely_tokens"] > 0
+    negatives = false_restart_rows(load_from_disk(str(tmp_path / "ds"))["train"], seed=0)
+    scores = {}
+    for name in runs:
+        base, tok = load_model("smollm2-135m", dtype="float32")
+        scores[name] = _restart_log_prob(PeftModel.from_pretrained(base, str(tmp_path / name)), tok, negatives)
+    print(scores)
+    assert scores["ul"] < scores["control"] - 0.3, scores

@@ -191,3 +191,21 @@ def test_trl_sft_trainer_honours_labels(tmp_path):
         assert labels[:n] == exp["labels"]  # prompt + distraction stay -100
         assert labels[n:] == [IGNORE] * (len(labels) - n)  # padding is -100
         assert mask == [1] * n + [0] * (len(mask) - n)
+
+
+def test_false_restart_row_scores_only_the_restart_as_unlikely(tok):
+    """A false-restart negative: the opener is context, the restart tokens are both the
+    labels (so TRL's fused head scores them) and the unlikely marks, nothing else is
+    trained, no end-of-turn follows; other rows carry no unlikely marks."""
+    row = {"prompt": NORMAL_ROW["prompt"], "distraction": "Blue is a primary colour.",
+           "restart": "Wait, let me start over.", "answer": "", "kind": "false_restart"}
+    out = tokenize_row(row, tok, max_length=512)
+    marked = [t for t in out["unlikely"] if t != IGNORE]
+    assert _decode(tok, marked) == " Wait, let me start over."
+    assert out["labels"] == out["unlikely"] and out["n_loss_tokens"] == 0
+    assert out["input_ids"][-len(marked):] == marked
+    assert _decode(tok, out["input_ids"]).endswith("Blue is a primary colour. Wait, let me start over.")
+    for other in (SC_ROW, NORMAL_ROW):
+        assert set(tokenize_row(other, tok, max_length=512)["unlikely"]) == {IGNORE}
+    with pytest.raises(ValueError, match="false_restart row needs"):
+        tokenize_row({**row, "distraction": ""}, tok, max_length=512)

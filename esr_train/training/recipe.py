@@ -59,8 +59,16 @@ class TrainExtras:
         "help": "for normal rows, train the answer's first N tokens (null: as answer_loss_tokens)"})
     normal_skip_tokens: int = field(default=0, metadata={
         "help": "for normal rows, keep the answer's first K tokens out of the loss (the opener that restates the question)"})
+    unlikelihood_weight: float = field(default=0.0, metadata={
+        "help": "add each normal row cut after an opening sentence and followed by a restart, the restart trained "
+                "by unlikelihood at this weight (0: off)"})
+    false_restart_sentences: int = field(default=3, metadata={
+        "help": "the false restarts follow one of the normal answer's first N sentences"})
 
     def __post_init__(self) -> None:
+        if self.unlikelihood_weight < 0 or self.false_restart_sentences < 1:
+            raise RecipeError(f"train.unlikelihood_weight must be >= 0 and train.false_restart_sentences >= 1, got "
+                              f"{self.unlikelihood_weight} and {self.false_restart_sentences}")
         for name in ("answer_loss_tokens", "normal_loss_tokens", "normal_skip_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise RecipeError(f"train.{name} must be >= 0 or null, got {getattr(self, name)}")

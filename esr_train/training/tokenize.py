@@ -36,13 +36,14 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from esr_train.generation import render_prompt
+from esr_train.training.unlikelihood import FALSE_RESTART, UNLIKELY_COLUMN
 
 if TYPE_CHECKING:
     import datasets
 
 IGNORE = -100
 _MARKER = "ESR_END_OF_TURN_PROBE"
-_FORMAT = 2  # bump when the sequence layout changes, so cached maps are not reused
+_FORMAT = 3  # bump when the sequence layout changes, so cached maps are not reused
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -110,6 +111,11 @@ def tokenize_row(
         masked_text, trained_texts = distraction, [" " + restart, " " + answer if answer else ""]
     elif kind == "normal":
         masked_text, trained_texts = "", ["", answer]
+    elif kind == FALSE_RESTART:  # on-topic opener as context, then a restart made unlikely
+        opener, restart = (row.get("distraction") or "").strip(), (row.get("restart") or "").strip()
+        if not opener or not restart:
+            raise ValueError("false_restart row needs an opener (distraction) and a restart")
+        masked_text, trained_texts = opener, [" " + restart, ""]
     else:
         raise ValueError(f"unknown row kind {kind!r}")
 
@@ -124,7 +130,7 @@ def tokenize_row(
     trained_ids = restart_ids + (answer_ids[:limit] if cut else answer_ids)
     if not trained_ids:
         return None
-    if not cut:
+    if not cut and kind != FALSE_RESTART:  # a false restart is cut off where it starts
         trained_ids += end_of_turn_ids(tokenizer) if eot is None else eot
 
     input_ids = prompt_ids + masked_ids + trained_ids
@@ -134,8 +140,11 @@ def tokenize_row(
     if skip == len(trained_ids):
         return None
     labels = [IGNORE] * (len(prompt_ids) + len(masked_ids) + skip) + trained_ids[skip:]
+    negative = kind == FALSE_RESTART
+    unlikely = labels if negative else [IGNORE] * len(labels)
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
-            "n_loss_tokens": len(trained_ids) - skip, "answer_start": len(prompt_ids) + len(masked_ids) + len(restart_ids)}
+            "n_loss_tokens": 0 if negative else len(trained_ids) - skip, UNLIKELY_COLUMN: unlikely,
+            "answer_start": len(prompt_ids) + len(masked_ids) + len(restart_ids)}
 
 
 def _map_row(row: dict[str, Any], tokenizer, max_length: int, system: str | None, eot: list[int],
@@ -149,7 +158,7 @@ def _map_row(row: dict[str, Any], tokenizer, max_length: int, system: str | None
     status = "no_loss" if tokenize_row(row, tokenizer, 10**9, system, eot, answer_tokens,
                                        normal_tokens, normal_skip) is None else "too_long"
     return {"input_ids": [], "attention_mask": [], "labels": [], "n_loss_tokens": 0, "answer_start": 0,
-            "_status": status}
+            UNLIKELY_COLUMN: [], "_status": status}
 
 
 def _fingerprint(ds: "datasets.Dataset", tokenizer, max_length: int, system: str | None, eot: list[int],
@@ -181,7 +190,7 @@ def tokenize_dataset(
     eot = end_of_turn_ids(tokenizer)
     features = Features({"input_ids": List(Value("int32")), "attention_mask": List(Value("int8")),
                          "labels": List(Value("int32")), "n_loss_tokens": Value("int32"), "answer_start": Value("int32"),
-                         "_status": Value("string")})
+                         UNLIKELY_COLUMN: List(Value("int32")), "_status": Value("string")})
     mapped = ds.map(
         _map_row,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "system": system, "eot": eot,
@@ -201,6 +210,7 @@ def tokenize_dataset(
         "dropped_too_long": status.count("too_long"),
         "dropped_no_loss": status.count("no_loss"),
         "loss_tokens": int(sum(list(kept["n_loss_tokens"]))),
+        "unlikely_tokens": int(sum(sum(1 for t in u if t != IGNORE) for u in kept[UNLIKELY_COLUMN])),
         "tokens": int(sum(len(ids) for ids in kept["input_ids"])),
     }
     kept = kept.select_columns(["input_ids", "attention_mask", "labels", *keep])

@@ -95,6 +95,19 @@ def load_training_data(paths: list[Path]):
                 "rows": {k: len(v) for k, v in ds.items()}}
 
 
+def with_false_restarts(split, seed: int, max_sentences: int):
+    """``split`` plus one false-restart negative per normal row that can be cut
+    (``esr_train.training.unlikelihood``); returns (rows, number of negatives)."""
+    from datasets import Dataset, concatenate_datasets
+
+    from esr_train.training.unlikelihood import false_restart_rows
+
+    negatives = false_restart_rows(split, seed, max_sentences)
+    if not negatives:
+        return split, 0
+    return concatenate_datasets([split, Dataset.from_list(negatives, features=split.features)]), len(negatives)
+
+
 def resolve_sections(recipe: dict[str, dict], overrides: dict[str, Any], where: str):
     """Model section, (sft, lora, extras) kwargs, with overrides routed to their owner."""
     model_values = dict(recipe.get("model", {}))
@@ -129,6 +142,10 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     cuda = torch.cuda.is_available()
     dtype = resolve_dtype(section.dtype, "cuda" if cuda else "cpu")
     ds, data_fingerprint = load_training_data(data_paths)
+    negatives = 0
+    if extras.unlikelihood_weight:
+        ds["train"], negatives = with_false_restarts(ds["train"], int(sft_kwargs.get("seed", 0)),
+                                                     extras.false_restart_sentences)
     tok = load_tokenizer(section.name)
     max_length = int(sft_kwargs.get("max_length") or 512)
     steer_cols: dict[str, dict] = {}
@@ -140,6 +157,10 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         subjects = steer_subjects([r for split in ds for r in ds[split]])
         steer_cols = {split: {STEER_COLUMN: row_steer_ids(ds[split], subjects)} for split in ds}
         keep = (SPAN_COLUMN,) if extras.steer_span != "all" else ()
+    if extras.unlikelihood_weight:
+        from esr_train.training.unlikelihood import UNLIKELY_COLUMN
+
+        keep = (*keep, UNLIKELY_COLUMN)
     # the same for the train and eval splits
     rows_as = dict(system=extras.system_prompt, keep=keep, answer_tokens=extras.answer_loss_tokens,
                    normal_tokens=extras.normal_loss_tokens, normal_skip=extras.normal_skip_tokens)
@@ -186,9 +207,14 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
                                               search=[p / ".work" / "directions" for p in data_paths])
         steering = TrainSteering(directions, extras.steer_strength, extras.steer_schedule, extras.steer_span,
                                  strength_max=extras.steer_strength_max, seed=args.seed)
-        trainer = SteeredSFTTrainer(**common, steering=steering)
+        trainer_cls, common["steering"] = SteeredSFTTrainer, steering
     else:
-        trainer = SFTTrainer(**common)
+        trainer_cls = SFTTrainer
+    if extras.unlikelihood_weight:
+        from esr_train.training.unlikelihood import trainer_class
+
+        trainer_cls, common["unlikelihood_weight"] = trainer_class(trainer_cls), extras.unlikelihood_weight
+    trainer = trainer_cls(**common)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last if resume and last else None)
     wall = time.perf_counter() - t0
@@ -211,6 +237,8 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "steering": {"strength": extras.steer_strength, "strength_max": extras.steer_strength_max,
                      "schedule": extras.steer_schedule, "span": extras.steer_span,
                      "subjects": len(subjects)} if extras.steer_strength else None,
+        "unlikelihood": {"weight": extras.unlikelihood_weight, "false_restart_rows": negatives,
+                         "sentences": extras.false_restart_sentences} if extras.unlikelihood_weight else None,
     }
     atomic_write_json(out / "esr_train_summary.json", summary)
     import yaml

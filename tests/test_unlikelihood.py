@@ -1,0 +1,53 @@
+"""Unlikelihood on false restarts (esr_train.training.unlikelihood): where negatives are
+cut, and that the loss swaps -log p for -log(1 - p) on exactly the marked tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from esr_train.training.unlikelihood import FALSE_RESTART, false_restart_rows, opener_cuts, unlikelihood_loss
+
+ANSWER = "Rinse the rice first. Use two cups of water per cup.\n\n1. Boil it. 2. Simmer for 15 minutes."
+ROWS = [
+    {"prompt": "How do you cook rice?", "answer": ANSWER, "kind": "normal", "distraction": "", "restart": "",
+     "subject": ""},
+    {"prompt": "How do you tie a tie?", "answer": "Cross the wide end over.", "kind": "normal", "distraction": "",
+     "restart": "", "subject": ""},
+    {"prompt": "How do you boil an egg?", "answer": "Boil it.", "kind": "self_correction",
+     "distraction": "Owls hunt at night.", "restart": "Wait, owls are off topic.", "subject": "owls"},
+    {"prompt": "How do you iron a shirt?", "answer": "Heat the iron.", "kind": "self_correction",
+     "distraction": "Mars is red.", "restart": "Let me start over.", "subject": "Mars"},
+]
+
+
+def test_cuts_fall_after_opening_sentences_never_after_a_list_number_or_at_the_end():
+    cuts = [ANSWER[:c] for c in opener_cuts(ANSWER, max_sentences=3)]
+    assert cuts == ["Rinse the rice first.", "Rinse the rice first. Use two cups of water per cup.",
+                    "Rinse the rice first. Use two cups of water per cup.\n\n1. Boil it."]
+    assert [ANSWER[:c] for c in opener_cuts(ANSWER, max_sentences=1)] == ["Rinse the rice first."]
+    assert opener_cuts("Cross the wide end over.", 3) == []  # nothing would follow the cut
+
+
+def test_negatives_pair_each_cuttable_normal_row_with_a_restart_from_the_data():
+    rows = false_restart_rows(ROWS, seed=0)
+    assert len(rows) == 1 and rows[0]["kind"] == FALSE_RESTART and rows[0]["answer"] == ""
+    assert ANSWER.startswith(rows[0]["distraction"]) and rows[0]["restart"] in {"Wait, owls are off topic.",
+                                                                                  "Let me start over."}
+    draws = {(r["distraction"], r["restart"]) for s in range(20) for r in false_restart_rows(ROWS, seed=s)}
+    assert len(draws) > 3 and false_restart_rows(ROWS, seed=5) == false_restart_rows(ROWS, seed=5)
+    with pytest.raises(ValueError, match="needs self-correction rows"):
+        false_restart_rows(ROWS[:2], seed=0)
+
+
+def test_unlikelihood_is_minus_log_one_minus_p_on_marked_positions_only():
+    log_probs = torch.log(torch.tensor([[0.5, 0.9, 0.1], [0.99, 0.2, 1.0]]))
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    expected = -(math.log(0.5) + math.log(0.9) + math.log(0.8) + math.log(1e-6))
+    assert unlikelihood_loss(log_probs, mask).item() == pytest.approx(expected, rel=1e-4)
+    lp = torch.log(torch.tensor([0.7], requires_grad=True))
+    lp.retain_grad()
+    unlikelihood_loss(lp[None], torch.tensor([[True]])).backward()
+    assert lp.grad.item() == pytest.approx(0.7 / 0.3, rel=1e-4)  # pushes log p down
