@@ -336,11 +336,14 @@ def _pool(args) -> int:
 
 
 def _add_pipeline(sub) -> None:
+    from esr_train.pipeline import STAGES
+
     p = sub.add_parser("pipeline", help="generate -> train -> eval -> report in one run directory (resumable)",
                        description="Overrides go to one section: --data.n 100 --train.max_steps 40 --eval.trials 50")
     p.add_argument("recipe", help="recipe YAML (sections model, data, train, eval)")
     p.add_argument("--out", "--output_dir", dest="out", help="run directory (default runs/RECIPE_NAME)")
-    p.add_argument("--stages", default="generate,train,eval,report", help="comma-separated subset of the stages")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of the stages "
+                   "(generate2 and train2 act only for a recipe with a round2 section)")
     p.set_defaults(func=_pipeline, accepts_overrides=True)
 
 

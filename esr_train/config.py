@@ -14,7 +14,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("model", "data", "train", "eval")
+SECTIONS = ("model", "data", "train", "eval", "round2")
+ROUND2_SECTIONS = ("data", "train")
+"""``round2`` (``esr pipeline`` only) holds data/train keys for an on-policy second round."""
 
 
 class RecipeError(ValueError):
@@ -98,6 +100,9 @@ def load_recipe(path: str | Path) -> dict[str, dict]:
     for name, body in data.items():
         if body is not None and not isinstance(body, dict):
             raise RecipeError(f"{path}: section {name!r} must be a mapping")
+    for name, body in (data.get("round2") or {}).items():
+        if name not in ROUND2_SECTIONS or (body is not None and not isinstance(body, dict)):
+            raise RecipeError(f"{path}: round2.{name}: round2 holds the mappings {', '.join(ROUND2_SECTIONS)}")
     return {name: dict(data.get(name) or {}) for name in SECTIONS}
 
 

@@ -8,8 +8,15 @@ streamed trials). The report is always rewritten (about a second). Layout::
 
     RUN/data/      dataset (datasets.load_from_disk) + train/test JSONL + summary.json
     RUN/adapter/   LoRA adapter (PeftModel.from_pretrained) + esr_train_summary.json
+    RUN/round2/data/, RUN/round2/adapter/   only for a recipe with a ``round2`` section
     RUN/eval/      trials.jsonl, summary.json, calibration.json
     RUN/eval/report.html, report.md, plots/
+
+A ``round2`` section makes the run two rounds (docs/results.md R18, R20): the round-one
+adapter writes more rows on-policy (``round2.data`` keys replace ``data`` keys; with the
+self backend the adapter is the writer), and the final adapter is trained on both rounds
+(``round2.train`` keys replace ``train`` keys, e.g. ``unlikelihood_weight``). The eval stage
+evaluates the final adapter. Without ``round2`` the two stages do nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from esr_train.cache import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
-STAGES = ("generate", "train", "eval", "report")
+STAGES = ("generate", "train", "generate2", "train2", "eval", "report")
 
 
 def _generate(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
@@ -38,19 +45,44 @@ def _generate(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dic
     return build_dataset(build(GenerateConfig, values, f"{recipe_path}: data"), run / "data")
 
 
-def _train(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
-    from esr_train.training.trainer import dataset_fingerprint, train
+def _train_on(recipe: dict, recipe_path: str, out: Path, data: list[Path], train_overrides: dict) -> dict:
+    """Train ``out`` on ``data`` unless it already holds an adapter trained on that data."""
+    from esr_train.training.trainer import load_training_data, train
 
-    out, data = run / "adapter", run / "data"
     done = read_json(out / "esr_train_summary.json")
-    if done and (out / "adapter_config.json").exists():
-        from datasets import load_from_disk
-
-        if done.get("dataset") == dataset_fingerprint(data, load_from_disk(str(data))):
-            return done
+    if done and (out / "adapter_config.json").exists() and done.get("dataset") == load_training_data(data)[1]:
+        return done
     resume = any(out.glob("checkpoint-*")) if out.is_dir() else False
-    return train(recipe, out, overrides=overrides.get("train", {}), dataset_dir=data, resume=resume,
+    return train(recipe, out, overrides=train_overrides, dataset_dir=",".join(map(str, data)), resume=resume,
                  where=recipe_path)
+
+
+def _train(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
+    return _train_on(recipe, recipe_path, run / "adapter", [run / "data"], overrides.get("train", {}))
+
+
+def _generate2(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
+    """Round two's data, written by the round-one adapter when the backend is ``self``."""
+    if not recipe.get("round2"):
+        return {"skipped": "no round2 section"}
+    data = {**recipe.get("data", {}), **(recipe["round2"].get("data") or {})}
+    if data.get("backend", "self") == "self":
+        data["adapter"] = str(run / "adapter")
+    return _generate({**recipe, "data": data}, f"{recipe_path}: round2", run / "round2", overrides)
+
+
+def _train2(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
+    """The final adapter, trained on both rounds' data."""
+    if not recipe.get("round2"):
+        return {"skipped": "no round2 section"}
+    train_overrides = {**(recipe["round2"].get("train") or {}), **overrides.get("train", {})}
+    return _train_on(recipe, f"{recipe_path}: round2", run / "round2" / "adapter",
+                     [run / "data", run / "round2" / "data"], train_overrides)
+
+
+def final_adapter(recipe: dict, run: Path) -> Path:
+    """The adapter the eval stage measures: round two's when the recipe has one."""
+    return run / "round2" / "adapter" if recipe.get("round2") else run / "adapter"
 
 
 def _file_digest(path: Path) -> str | None:
@@ -76,11 +108,11 @@ def _eval(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
 
     model = recipe.get("model", {})
     values = {**recipe.get("eval", {}), "model": model.get("name"), "dtype": model.get("dtype", "auto"),
-              "adapters": [str(run / "adapter")], **overrides.get("eval", {})}
+              "adapters": [str(final_adapter(recipe, run))], **overrides.get("eval", {})}
     cfg = build(EvalConfig, values, f"{recipe_path}: eval")
     out = run / "eval"
     stamp = json.loads(json.dumps({"eval": dataclasses.asdict(cfg),
-                                   "adapter_sha256": _file_digest(run / "adapter" / "adapter_model.safetensors")}))
+                                   "adapter_sha256": _file_digest(final_adapter(recipe, run) / "adapter_model.safetensors")}))
     previous = read_json(out / "pipeline_stamp.json")
     summary = read_json(out / "summary.json")
     if summary and previous == stamp:
@@ -104,7 +136,8 @@ def _report(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
 
 
 RUNNERS: dict[str, Callable[[dict, str, Path, dict], dict]] = {
-    "generate": _generate, "train": _train, "eval": _eval, "report": _report}
+    "generate": _generate, "train": _train, "generate2": _generate2, "train2": _train2, "eval": _eval,
+    "report": _report}
 
 
 def maxrss_mib(ru_maxrss: int) -> float:

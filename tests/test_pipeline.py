@@ -140,9 +140,35 @@ def test_second_run_reuses_every_stage(pipeline) -> None:
 
 def test_unknown_stage_is_named(pipeline, tmp_path) -> None:
     path = pipeline[0]
-    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['bogus'\].*valid: generate, train, eval, report"):
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['bogus'\].*valid: generate, train, generate2, train2, eval, report"):
         run_pipeline(str(path), tmp_path / "run", stages=("generate", "bogus"))
     assert not (tmp_path / "run" / "pipeline.json").exists() and not (tmp_path / "run" / "data").exists()
+
+
+def test_round_two_trains_the_final_adapter_on_both_rounds(pipeline, tmp_path) -> None:
+    """A recipe with a round2 section: round two's data is written with its own keys, the
+    final adapter is trained on both rounds with round2.train's keys, the eval measures it,
+    and a second run redoes nothing."""
+    path = pipeline[0]
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    second = [{**r, "answer": r["answer"] + " That is all."} for r in ROWS]
+    recipe["round2"] = {"data": {"template_file": str(write_jsonl(tmp_path / "round2.jsonl", second))},
+                        "train": {"max_steps": 3}}
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    run = tmp_path / "run"
+    with one_thread_and_private_cache(tmp_path / "esr-cache"):
+        result = run_pipeline(str(two), run)
+        rows = json.loads((run / "round2" / "data" / "summary.json").read_text(encoding="utf-8"))
+        assert rows["total"] == len(second)
+        first = json.loads((run / "adapter" / "esr_train_summary.json").read_text(encoding="utf-8"))
+        final = json.loads((run / "round2" / "adapter" / "esr_train_summary.json").read_text(encoding="utf-8"))
+        assert first["steps"] == 2 and final["steps"] == 3 and len(final["dataset"]["parts"]) == 2
+        assert result["summary"]["config"]["adapters"] == [str(run / "round2" / "adapter")]
+        kept = [run / "round2" / "adapter" / name for name in ADAPTER_FILES] + [run / "eval" / "trials.jsonl"]
+        before = mtimes(kept)
+        run_pipeline(str(two), run)
+        assert mtimes(kept) == before
 
 
 def test_new_adapter_weights_set_the_old_eval_aside(pipeline) -> None:

@@ -36,6 +36,10 @@ def test_recipe_parses_and_validates(path):
     sft.pop("optim", None)  # 8-bit optimizers need bitsandbytes' CUDA build
     SFTConfig(output_dir="/tmp/esr-recipe-check", use_cpu=True, **{k: v for k, v in sft.items() if k not in ("bf16", "fp16")})
     assert section.name
+    if recipe["round2"]:  # esr pipeline's second round: its keys replace the first round's
+        build(GenerateConfig, {**recipe["data"], **recipe["round2"].get("data", {}), "model": recipe["model"]["name"]},
+              f"{path}: round2: data")
+        resolve_sections(recipe, recipe["round2"].get("train", {}), f"{path}: round2")
 
 
 def test_unknown_and_renamed_keys_are_errors(tmp_path):
@@ -51,6 +55,10 @@ def test_unknown_and_renamed_keys_are_errors(tmp_path):
     sec.write_text("trainer: {}\n", encoding="utf-8")
     with pytest.raises(RecipeError, match="unknown section.*valid: model, data, train, eval"):
         load_recipe(sec)
+    rounds = tmp_path / "rounds.yaml"
+    rounds.write_text("round2: {eval: {trials: 3}}\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"rounds.yaml: round2.eval: round2 holds the mappings data, train"):
+        load_recipe(rounds)
     broken = tmp_path / "broken.yaml"
     broken.write_text("train:\n  r: [1,\n", encoding="utf-8")
     with pytest.raises(RecipeError, match=r"broken.yaml:\d+: not valid YAML"):
