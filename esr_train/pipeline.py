@@ -106,13 +106,13 @@ def _eval(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
     from eval.config import EvalConfig
     from eval.harness import run_eval
 
-    model = recipe.get("model", {})
+    model, adapter = recipe.get("model", {}), final_adapter(recipe, run)
     values = {**recipe.get("eval", {}), "model": model.get("name"), "dtype": model.get("dtype", "auto"),
-              "adapters": [str(final_adapter(recipe, run))], **overrides.get("eval", {})}
+              "adapters": [str(adapter)], **overrides.get("eval", {})}
     cfg = build(EvalConfig, values, f"{recipe_path}: eval")
     out = run / "eval"
     stamp = json.loads(json.dumps({"eval": dataclasses.asdict(cfg),
-                                   "adapter_sha256": _file_digest(final_adapter(recipe, run) / "adapter_model.safetensors")}))
+                                   "adapter_sha256": _file_digest(adapter / "adapter_model.safetensors")}))
     previous = read_json(out / "pipeline_stamp.json")
     summary = read_json(out / "summary.json")
     if summary and previous == stamp:

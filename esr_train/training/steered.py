@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from trl import SFTTrainer
 
 from esr_train.training.recipe import STEER_SPANS
+from esr_train.training.row_columns import require_right_padding, with_columns
 
 STEER_COLUMN = "esr_steer"
 """Dataset column: index of the row's direction, -1 for rows trained without a push."""
@@ -92,8 +93,7 @@ class _SteerCollator:
         batch = self.base([{k: v for k, v in e.items() if k not in (STEER_COLUMN, SPAN_COLUMN)} for e in examples])
         batch[STEER_COLUMN] = torch.tensor(ids)
         if len(starts) == len(examples):
-            if "attention_mask" in batch and not bool(batch["attention_mask"][:, 0].all()):
-                raise ValueError("steer_span needs right-padded batches (the collator padded on the left)")
+            require_right_padding(batch, "steer_span")
             batch[SPAN_COLUMN] = torch.tensor(starts)
         return batch
 
@@ -106,8 +106,7 @@ class SteeredSFTTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = [c for c in (STEER_COLUMN, SPAN_COLUMN) if c not in self._signature_columns]
-        self._signature_columns = [*self._signature_columns, *extra]
+        self._signature_columns = with_columns(self._signature_columns, (STEER_COLUMN, SPAN_COLUMN))
 
     def _pushed(self, model, inputs):
         from contextlib import nullcontext

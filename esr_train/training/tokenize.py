@@ -103,6 +103,7 @@ def tokenize_row(
     steered answers (R15: no effect beyond the training seed's spread).
     """
     kind = row.get("kind") or "normal"
+    negative = kind == FALSE_RESTART
     answer = (row.get("answer") or "").strip()
     if kind == "self_correction":
         distraction, restart = (row.get("distraction") or "").strip(), (row.get("restart") or "").strip()
@@ -130,7 +131,7 @@ def tokenize_row(
     trained_ids = restart_ids + (answer_ids[:limit] if cut else answer_ids)
     if not trained_ids:
         return None
-    if not cut and kind != FALSE_RESTART:  # a false restart is cut off where it starts
+    if not cut and not negative:  # a false restart is cut off where it starts
         trained_ids += end_of_turn_ids(tokenizer) if eot is None else eot
 
     input_ids = prompt_ids + masked_ids + trained_ids
@@ -140,7 +141,6 @@ def tokenize_row(
     if skip == len(trained_ids):
         return None
     labels = [IGNORE] * (len(prompt_ids) + len(masked_ids) + skip) + trained_ids[skip:]
-    negative = kind == FALSE_RESTART
     unlikely = labels if negative else [IGNORE] * len(labels)
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
             "n_loss_tokens": 0 if negative else len(trained_ids) - skip, UNLIKELY_COLUMN: unlikely,

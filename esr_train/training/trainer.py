@@ -130,6 +130,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
 
     from esr_train.dtype import resolve_dtype
     from esr_train.training.tokenize import tokenize_dataset
+    from esr_train.training.unlikelihood import UNLIKELY_COLUMN, trainer_class
     from esr_train.zoo import load_model, load_tokenizer
 
     section, sft_kwargs, lora_kwargs, extras = resolve_sections(recipe, overrides or {}, where)
@@ -158,8 +159,6 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         steer_cols = {split: {STEER_COLUMN: row_steer_ids(ds[split], subjects)} for split in ds}
         keep = (SPAN_COLUMN,) if extras.steer_span != "all" else ()
     if extras.unlikelihood_weight:
-        from esr_train.training.unlikelihood import UNLIKELY_COLUMN
-
         keep = (*keep, UNLIKELY_COLUMN)
     # the same for the train and eval splits
     rows_as = dict(system=extras.system_prompt, keep=keep, answer_tokens=extras.answer_loss_tokens,
@@ -211,8 +210,6 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     else:
         trainer_cls = SFTTrainer
     if extras.unlikelihood_weight:
-        from esr_train.training.unlikelihood import trainer_class
-
         trainer_cls, common["unlikelihood_weight"] = trainer_class(trainer_cls), extras.unlikelihood_weight
     trainer = trainer_cls(**common)
     t0 = time.perf_counter()

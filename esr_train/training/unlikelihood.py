@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 from data_gen.text import sentence_ends
+from esr_train.training.row_columns import require_right_padding, with_columns
 
 UNLIKELY_COLUMN = "unlikely"
 """Tokenized column: the token id at positions trained by unlikelihood, -100 elsewhere."""
@@ -84,8 +85,7 @@ class _UnlikelyCollator:
 
         marks = [list(e.get(UNLIKELY_COLUMN) or []) for e in examples]
         batch = self.base([{k: v for k, v in e.items() if k != UNLIKELY_COLUMN} for e in examples])
-        if "attention_mask" in batch and not bool(batch["attention_mask"][:, 0].all()):
-            raise ValueError("unlikelihood needs right-padded batches (the collator padded on the left)")
+        require_right_padding(batch, "unlikelihood")
         width = batch["input_ids"].shape[1]
         batch[UNLIKELY_COLUMN] = torch.tensor([(m + [-100] * width)[:width] for m in marks])
         return batch
@@ -101,8 +101,7 @@ class UnlikelihoodMixin:
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if UNLIKELY_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, UNLIKELY_COLUMN]
+        self._signature_columns = with_columns(self._signature_columns, (UNLIKELY_COLUMN,))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         import torch
