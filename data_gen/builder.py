@@ -69,6 +69,9 @@ class GenerateConfig:
     adapter: str | None = field(default=None, metadata={
         "help": "self backend: a LoRA adapter (esr train's output) that writes the distractions and answers: an "
                 "on-policy second round, the drifts the adapter still makes as its next lesson"})
+    restart_probes: int = field(default=0, metadata={
+        "help": "self backend: unsteered answers sampled per training prompt to find where the writer restarts "
+                "unpushed; those restarts go to false_restarts.jsonl as negatives for train.unlikelihood_weight"})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -85,6 +88,9 @@ class GenerateConfig:
             raise GenerateError("the template backend needs template_file (a JSONL of prompt/answer/distraction rows)")
         if self.backend == "llm" and not (self.base_url and self.llm_model):
             raise GenerateError("the llm backend needs base_url and llm_model")
+        if self.restart_probes < 0 or (self.restart_probes and self.backend != "self"):
+            raise GenerateError(f"restart_probes must be >= 0 and needs the self backend, got {self.restart_probes} "
+                                f"with {self.backend!r}")
         if self.adapter is not None:
             if self.backend != "self":
                 raise GenerateError(f"adapter is for the self backend, not {self.backend!r}")
@@ -92,7 +98,12 @@ class GenerateConfig:
                 raise GenerateError(f"adapter: no adapter_config.json in {self.adapter}")
 
     def fingerprint(self) -> dict:
-        return asdict(self)
+        """Every setting, except those added after datasets were first written while they
+        are at their defaults (so those datasets stay complete for a resume)."""
+        return {k: v for k, v in asdict(self).items() if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
+
+
+_LATER_DEFAULTS = {"restart_probes": 0}
 
 
 def config_fields() -> list:
@@ -158,6 +169,7 @@ def build_dataset(cfg: GenerateConfig, out_dir: str | Path, backend_impl=None) -
     rows: dict[str, list[Transcript]] = {}
     counts = _split_counts(cfg)
     stage_s: Counter = Counter()  # seconds per stage of the self backend (where the time goes)
+    mined: dict | None = None  # the writer's own false restarts (restart_probes)
 
     if cfg.backend == "template":
         from data_gen.backends.template import read_template_rows
@@ -172,11 +184,15 @@ def build_dataset(cfg: GenerateConfig, out_dir: str | Path, backend_impl=None) -
                                      _bank_split(all_subjects, split, cfg.test_size, "subject"), phrases,
                                      counts[split]["self_correction"], counts[split]["normal"], rng)
         if cfg.backend == "self":
-            rows = _run_self(cfg, out, plans, counts, rejected, backend_impl, stage_s)
+            backend_impl = _self_backend(cfg, out, backend_impl, stage_s)
+            rows = _run_self(plans, counts, rejected, backend_impl, stage_s)
+            if cfg.restart_probes:
+                train_prompts = [p["prompt"] for p in _bank_split(all_prompts, "train", cfg.test_size, "prompt")]
+                mined = _probe_restarts(cfg, backend_impl, train_prompts, stage_s)
         else:
             rows = _run_llm(cfg, plans, counts, rejected)
 
-    summary = _write(cfg, out, rows, rejected, time.perf_counter() - t0, stage_s)
+    summary = _write(cfg, out, rows, rejected, time.perf_counter() - t0, stage_s, mined)
     return summary
 
 
@@ -206,17 +222,38 @@ def _self_model(cfg: GenerateConfig):
     return model, tok, f"{cfg.model}+adapter:{weights_fingerprint(model)}"
 
 
-def _run_self(cfg, out, plans, counts, rejected, backend_impl, stage_s: Counter) -> dict[str, list[Transcript]]:
+def _self_backend(cfg: GenerateConfig, out: Path, backend_impl, stage_s: Counter):
+    """``backend_impl`` when given (benchmarks, tests), else the zoo model's backend."""
     from data_gen.backends.self_backend import SelfBackend, SelfConfig
 
-    if backend_impl is None:
-        with _timed(stage_s, "load_model"):
-            model, tok, label = _self_model(cfg)
-        backend_impl = SelfBackend(model, tok, label, SelfConfig(
-            layer=cfg.layer, strength=cfg.strength, schedule=cfg.schedule, distraction_tokens=cfg.distraction_tokens,
-            answer_tokens=cfg.answer_tokens, answer_repetition_penalty=cfg.answer_repetition_penalty,
-            answer_temperature=cfg.answer_temperature, temperature=cfg.temperature, batch_size=cfg.batch_size),
-            out / ".work")
+    if backend_impl is not None:
+        return backend_impl
+    with _timed(stage_s, "load_model"):
+        model, tok, label = _self_model(cfg)
+    return SelfBackend(model, tok, label, SelfConfig(
+        layer=cfg.layer, strength=cfg.strength, schedule=cfg.schedule, distraction_tokens=cfg.distraction_tokens,
+        answer_tokens=cfg.answer_tokens, answer_repetition_penalty=cfg.answer_repetition_penalty,
+        answer_temperature=cfg.answer_temperature, temperature=cfg.temperature, batch_size=cfg.batch_size),
+        out / ".work")
+
+
+def _probe_restarts(cfg: GenerateConfig, backend_impl, prompts: list[str], stage_s: Counter) -> dict:
+    """The writer's unpushed restarts on the training prompts (``data_gen.false_restarts``):
+    {"rows": mined rows, "samples", "restarted", "no_opener"}."""
+    from data_gen import false_restarts
+
+    with _timed(stage_s, "restart_probes"):
+        texts = backend_impl.probe(prompts, cfg.restart_probes)
+    rows, bare = [], 0
+    for prompt in prompts:
+        got, no_opener = false_restarts.mine(prompt, texts[prompt], backend_impl.label, cfg.seed)
+        rows += got
+        bare += no_opener
+    return {"rows": rows, "samples": len(prompts) * cfg.restart_probes, "restarted": len(rows) + bare,
+            "no_opener": bare}
+
+
+def _run_self(plans, counts, rejected, backend_impl, stage_s: Counter) -> dict[str, list[Transcript]]:
     fcfg = FilterConfig()
     rows: dict[str, list[Transcript]] = {}
     for split, (sc_jobs, normal_jobs) in plans.items():
@@ -286,7 +323,7 @@ def _run_llm(cfg, plans, counts, rejected) -> dict[str, list[Transcript]]:
 
 
 def _write(cfg: GenerateConfig, out: Path, rows: dict[str, list[Transcript]], rejected: Counter, elapsed: float,
-           stage_s: Counter | None = None) -> dict:
+           stage_s: Counter | None = None, mined: dict | None = None) -> dict:
     from datasets import Dataset, DatasetDict, Features, Value, List
 
     seen: set[str] = set()
@@ -320,7 +357,14 @@ def _write(cfg: GenerateConfig, out: Path, rows: dict[str, list[Transcript]], re
     ds.save_to_disk(str(out), num_shards={k: 1 for k in ds})
     for split, r in splits.items():
         atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in r))
+    if mined is not None:
+        from data_gen import false_restarts
+
+        atomic_write_text(out / false_restarts.FILE,
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mined["rows"]))
     summary = summarize(cfg, splits, rejected, duplicates, elapsed, stage_s)
+    if mined is not None:
+        summary["restart_probes"] = {k: len(v) if k == "rows" else v for k, v in mined.items()}
     atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -359,6 +403,10 @@ def format_summary(summary: dict) -> str:
     lines.append(f"mean words: distraction {summary['mean_words']['distraction']}, answer {summary['mean_words']['answer']}")
     if summary.get("stage_s"):
         lines.append("seconds by stage: " + ", ".join(f"{k} {v}" for k, v in summary["stage_s"].items()))
+    if summary.get("restart_probes"):
+        p = summary["restart_probes"]
+        lines.append(f"restart probes: {p['restarted']} of {p['samples']} unsteered samples restarted; "
+                     f"{p['rows']} false-restart negatives")
     if summary["rejected"]:
         lines.append("rejected: " + ", ".join(f"{k} {v}" for k, v in summary["rejected"].items()))
     if summary["per_subject"]:

@@ -44,6 +44,8 @@ class SelfConfig:
     log-likelihood gradient is zero, so training on them does not sharpen the model the way
     its greedy (modal) answers do."""
     batch_size: int = 16
+    probe_temperature: float = 0.6
+    """Sampling temperature of the restart probes (the evaluation's unsteered trials)."""
 
 
 def _key(*parts) -> str:
@@ -61,6 +63,7 @@ class SelfBackend:
         self.work = Path(work_dir)
         self.answers = JsonlStore(self.work / "answers.jsonl")
         self.distractions = JsonlStore(self.work / "distractions.jsonl")
+        self.probes = JsonlStore(self.work / "probes.jsonl")
         self._directions: dict = {}  # subject -> direction, loaded or built once per run
 
     def answer(self, prompts: Sequence[str]) -> dict[str, str]:
@@ -84,6 +87,31 @@ class SelfBackend:
             for p, out in zip(chunk, outs):
                 self.answers.put(key(p), complete_part(out))
         return {p: self.answers[key(p)] for p in prompts}
+
+    def probe(self, prompts: Sequence[str], samples: int) -> dict[str, list[str]]:
+        """``samples`` sampled unsteered answers per prompt, as the evaluation's unsteered
+        trials draw them (``probe_temperature``, ``distraction_tokens`` long, the
+        distractions' repetition penalty): where the writer restarts when nothing pushed it
+        (``data_gen.false_restarts``)."""
+        from esr_train.generation import generate
+
+        cfg = self.cfg
+
+        def key(job):
+            return _key(self.label, job[0], job[1], cfg.distraction_tokens, cfg.probe_temperature,
+                        cfg.repetition_penalty, "probe")
+
+        jobs = [(p, s) for p in dict.fromkeys(prompts) for s in range(samples)]
+        todo = [j for j in jobs if key(j) not in self.probes]
+        bs = cfg.batch_size
+        for i in tqdm(range(0, len(todo), bs), desc="restart probes", unit="batch", disable=not todo):
+            chunk = todo[i:i + bs]
+            outs = generate(self.model, self.tok, [p for p, _ in chunk], do_sample=True,
+                            temperature=cfg.probe_temperature, max_new_tokens=cfg.distraction_tokens,
+                            repetition_penalty=cfg.repetition_penalty, batch_size=bs, seed=i)
+            for job, out in zip(chunk, outs):
+                self.probes.put(key(job), out)
+        return {p: [self.probes[key((p, s))] for s in range(samples)] for p in dict.fromkeys(prompts)}
 
     def directions(self, subjects: Sequence[str]) -> dict:
         """Each subject's concept direction, built once (all missing ones in shared

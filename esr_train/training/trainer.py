@@ -95,14 +95,15 @@ def load_training_data(paths: list[Path]):
                 "rows": {k: len(v) for k, v in ds.items()}}
 
 
-def with_false_restarts(split, seed: int, max_sentences: int):
+def with_false_restarts(split, seed: int, max_sentences: int, mined=()):
     """``split`` plus one false-restart negative per normal row that can be cut
-    (``esr_train.training.unlikelihood``); returns (rows, number of negatives)."""
+    (``esr_train.training.unlikelihood``) and one per ``mined`` row (the writer's own
+    false restarts, ``data_gen.false_restarts``); returns (rows, number of negatives)."""
     from datasets import Dataset, concatenate_datasets
 
-    from esr_train.training.unlikelihood import false_restart_rows
+    from esr_train.training.unlikelihood import false_restart_rows, mined_negative_rows
 
-    negatives = false_restart_rows(split, seed, max_sentences)
+    negatives = false_restart_rows(split, seed, max_sentences) + mined_negative_rows(mined, split.column_names)
     if not negatives:
         return split, 0
     return concatenate_datasets([split, Dataset.from_list(negatives, features=split.features)]), len(negatives)
@@ -143,10 +144,16 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     cuda = torch.cuda.is_available()
     dtype = resolve_dtype(section.dtype, "cuda" if cuda else "cpu")
     ds, data_fingerprint = load_training_data(data_paths)
-    negatives = 0
+    negatives, mined = 0, []
     if extras.unlikelihood_weight:
+        from data_gen import false_restarts
+
+        try:
+            mined = [r for p in data_paths for r in false_restarts.read(p)]
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
         ds["train"], negatives = with_false_restarts(ds["train"], int(sft_kwargs.get("seed", 0)),
-                                                     extras.false_restart_sentences)
+                                                     extras.false_restart_sentences, mined)
     tok = load_tokenizer(section.name)
     max_length = int(sft_kwargs.get("max_length") or 512)
     steer_cols: dict[str, dict] = {}
@@ -234,7 +241,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "steering": {"strength": extras.steer_strength, "strength_max": extras.steer_strength_max,
                      "schedule": extras.steer_schedule, "span": extras.steer_span,
                      "subjects": len(subjects)} if extras.steer_strength else None,
-        "unlikelihood": {"weight": extras.unlikelihood_weight, "false_restart_rows": negatives,
+        "unlikelihood": {"weight": extras.unlikelihood_weight, "false_restart_rows": negatives, "mined_rows": len(mined),
                          "sentences": extras.false_restart_sentences} if extras.unlikelihood_weight else None,
     }
     atomic_write_json(out / "esr_train_summary.json", summary)

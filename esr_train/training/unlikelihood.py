@@ -64,6 +64,17 @@ def false_restart_rows(rows, seed: int, max_sentences: int = 3) -> list[dict[str
     return out
 
 
+def mined_negative_rows(mined, columns) -> list[dict[str, Any]]:
+    """The writer's own false restarts (``data_gen.false_restarts``, mined by
+    ``restart_probes``) as negatives of the same shape as :func:`false_restart_rows`, with
+    every other dataset column ``columns`` empty."""
+    blank = {c: "" for c in columns}
+    return [{**blank, "id": f"mined-{i}", "prompt": r["prompt"], "distraction": r["opener"], "restart": r["restart"],
+             "kind": FALSE_RESTART, "model": r.get("model", ""), "seed": int(r.get("seed", 0)),
+             **({"messages": []} if "messages" in blank else {})}
+            for i, r in enumerate(mined)]
+
+
 def unlikelihood_loss(log_probs, unlikely_mask):
     """Sum over marked positions of -log(1 - p), from log p (clamped so a token the model
     is sure of gives a large finite loss instead of inf)."""

@@ -1,0 +1,65 @@
+"""The writer's own false restarts, mined as negatives for unlikelihood training.
+
+An adapter trained on self-correction rows restarts now and then when nothing pushed it
+(the evaluation's unsteered false restarts). The synthetic negatives of
+``esr_train.training.unlikelihood`` cut a clean answer and append a restart phrase from
+the data; these are the restarts the model actually makes, in its own words and at the
+points where it makes them. With ``restart_probes: k`` the self backend samples k unsteered
+answers per training prompt (the evaluation's temperature and horizon) from the writer
+(the round-one adapter in an on-policy second round), and every answer with restart
+language becomes a row: the on-topic text before the restart as context, the restart span
+as the tokens to make unlikely.
+
+The rows live in ``false_restarts.jsonl`` beside the dataset, not in its splits, so a plain
+SFT tool reading the dataset never trains *toward* them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from eval.attempts import find_restarts
+
+FILE = "false_restarts.jsonl"
+COLUMNS = ("prompt", "opener", "restart", "model", "seed")
+
+
+def mine(prompt: str, texts: Iterable[str], model: str, seed: int = 0) -> tuple[list[dict], int]:
+    """Rows from the sampled answers ``texts`` to ``prompt`` that restart: the text before
+    the first restart (stripped) and the restart span. A restart with no opener before it
+    is counted (second value) but not kept: the negative needs on-topic text as its context."""
+    rows, bare = [], 0
+    for text in texts:
+        spans = find_restarts(text)
+        if not spans:
+            continue
+        start, end = spans[0]
+        opener, restart = text[:start].strip(), text[start:end].strip()
+        if not opener:
+            bare += 1
+            continue
+        rows.append({"prompt": prompt, "opener": opener, "restart": restart, "model": model, "seed": seed})
+    return rows, bare
+
+
+def read(dataset_dir: str | Path) -> list[dict]:
+    """The mined rows of a dataset directory ([] when it has none); a bad line is a
+    one-line error naming the file and line."""
+    path = Path(dataset_dir) / FILE
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        missing = [c for c in ("prompt", "opener", "restart") if not isinstance(row, dict) or not row.get(c)]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing {', '.join(missing)}")
+        rows.append(row)
+    return rows

@@ -1,0 +1,109 @@
+"""The writer's own false restarts (data_gen.false_restarts, ``restart_probes``): what is
+mined from a sampled answer, how a bad file is reported, how the trainer turns the rows
+into unlikelihood negatives, and the probes on the real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_gen import false_restarts
+from data_gen.builder import GenerateConfig, GenerateError, build_dataset
+from eval.attempts import has_restart
+
+TIC = ("Giving feedback is essential for growth. Let me start from the beginning: what is the purpose "
+       "of this conversation? Start with empathy.")
+
+
+def test_mine_keeps_the_opener_and_the_restart_span():
+    rows, bare = false_restarts.mine("How do you give feedback?", [
+        TIC,
+        "Start with empathy. Be specific about the behaviour.",  # no restart: nothing mined
+        "Wait, no. Start with empathy.",  # a restart with no opener is counted, not kept
+    ], model="m", seed=3)
+    assert bare == 1 and len(rows) == 1
+    row = rows[0]
+    assert row["opener"] == "Giving feedback is essential for growth."
+    assert row["restart"].startswith("Let me start") and TIC.index(row["restart"]) > len(row["opener"])
+    assert row["prompt"] == "How do you give feedback?" and row["model"] == "m" and row["seed"] == 3
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", r"false_restarts.jsonl:2: not JSON"),
+    (json.dumps({"prompt": "p", "opener": ""}), r"false_restarts.jsonl:2: missing opener, restart"),
+])
+def test_bad_mined_file_names_file_and_line(tmp_path, line, match):
+    good = json.dumps({"prompt": "p", "opener": "o.", "restart": "Wait, no."})
+    (tmp_path / false_restarts.FILE).write_text(good + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        false_restarts.read(tmp_path)
+    assert false_restarts.read(tmp_path / "elsewhere") == []
+
+
+def test_restart_probes_need_the_self_backend_and_stay_out_of_old_fingerprints():
+    with pytest.raises(GenerateError, match="restart_probes"):
+        GenerateConfig(backend="template", template_file="x.jsonl", restart_probes=2)
+    with pytest.raises(GenerateError, match="restart_probes"):
+        GenerateConfig(restart_probes=-1)
+    assert "restart_probes" not in GenerateConfig().fingerprint()  # datasets written before the key still resume
+    assert GenerateConfig(restart_probes=2).fingerprint()["restart_probes"] == 2
+
+
+def test_mined_rows_become_negatives_whose_restart_tokens_are_unlikely(tmp_path):
+    """The trainer's ``with_false_restarts`` adds each mined row beside the synthetic
+    negatives; tokenized, the opener is context and exactly the restart is marked."""
+    from datasets import load_from_disk
+
+    from esr_train.training.tokenize import IGNORE, tokenize_row
+    from esr_train.training.trainer import with_false_restarts
+    from esr_train.zoo import load_tokenizer
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "How do you cook rice?", "answer": "Rinse the rice. Boil it for fifteen minutes.", "split": "train"},
+        {"prompt": "How do you boil an egg?", "answer": "Boil water first.", "distraction": "Owls hunt at night.",
+         "subject": "owls", "split": "train"},
+    ]), encoding="utf-8")
+    build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
+    mined, _ = false_restarts.mine("How do you give feedback?", [TIC], model="m")
+    split = load_from_disk(str(tmp_path / "ds"))["train"]
+    rows, n = with_false_restarts(split, seed=0, max_sentences=3, mined=mined)
+    assert n == 2 and len(rows) == len(split) + 2
+    row = [r for r in rows if r["prompt"] == "How do you give feedback?"][0]
+    assert row["kind"] == "false_restart" and row["distraction"] == mined[0]["opener"] and row["answer"] == ""
+    tok = load_tokenizer("smollm2-135m")
+    enc = tokenize_row(row, tok, max_length=256)
+    marked = [t for t in enc["unlikely"] if t != IGNORE]
+    assert tok.decode(marked).strip() == mined[0]["restart"]
+    assert all(label == IGNORE for label, u in zip(enc["labels"], enc["unlikely"]) if u == IGNORE)
+
+
+@pytest.mark.slow
+def test_restart_probes_sample_the_writer_and_write_what_restarts(smollm, tmp_path):
+    """On the real model: ``restart_probes`` samples k unsteered answers per training
+    prompt, writes the ones with restart language to false_restarts.jsonl, counts them in
+    the summary, and a re-run draws nothing new (the probes are cached)."""
+    from data_gen.backends.self_backend import SelfBackend, SelfConfig
+
+    model, tok = smollm
+    tasks = ["cook rice", "boil an egg", "iron a shirt", "tie a tie", "plant a tree", "clean a window",
+             "write a thank-you note", "apologise sincerely", "give constructive feedback", "save money"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"How do you {t}?", "split": "test" if i >= 8 else "train"}) + "\n"
+                               for i, t in enumerate(tasks)), encoding="utf-8")
+    cfg = GenerateConfig(n=4, mix=0.5, test_size=0.25, seed=0, batch_size=8, answer_tokens=32, distraction_tokens=32,
+                         prompts=str(prompts), restart_probes=2)
+    backend = SelfBackend(model, tok, "smollm2-135m", SelfConfig(answer_tokens=32, distraction_tokens=32, batch_size=8),
+                          tmp_path / "ds" / ".work")
+    summary = build_dataset(cfg, tmp_path / "ds", backend_impl=backend)
+    probes = summary["restart_probes"]
+    assert probes["samples"] == 2 * 8 and len(backend.probes) == 16  # the 8 training prompts, twice each
+    mined = false_restarts.read(tmp_path / "ds")
+    assert (tmp_path / "ds" / false_restarts.FILE).exists() and len(mined) == probes["rows"] <= probes["restarted"]
+    assert all(has_restart(r["restart"]) and r["prompt"] != "How do you save money?" for r in mined)
+    drawn = backend.probe(["How do you cook rice?"], 2)["How do you cook rice?"]
+    assert len(drawn) == 2 and drawn[0] != drawn[1]  # two draws, not one answer twice
+    (tmp_path / "ds" / "summary.json").unlink()
+    again = build_dataset(cfg, tmp_path / "ds", backend_impl=backend)
+    assert len(backend.probes) == 16 and again["restart_probes"] == probes
