@@ -328,10 +328,17 @@ def stream_decode(
             steering.update(None, None)
 
 
+DROP_SHARE = 8
+"""Finished rows stay in the batch, fed padding, until they are 1/DROP_SHARE of it: dropping
+rows (and joining new ones) copies every layer's whole key/value cache, about as costly as
+a decode step, while a finished row costs 1/batch of one."""
+
+
 def _loop(m: _Model, prompts, max_new_tokens: int, sampling: Sampling, batch_size: int, eos_ids: list[int],
           pad_id: int, generator, refill: bool) -> Iterator[tuple[int, list[int]]]:
     """The loop of ``stream_decode``: admit prompts into free slots, pick a token per row,
-    hand back finished rows, drop them, feed the rest."""
+    hand back finished rows, drop them once enough have finished (``DROP_SHARE``), feed
+    the rest."""
     eos = torch.tensor(eos_ids, dtype=torch.long, device=m.device)
     waiting = 0
     rows: _Rows | None = None
@@ -342,25 +349,29 @@ def _loop(m: _Model, prompts, max_new_tokens: int, sampling: Sampling, batch_siz
             take = range(waiting, min(waiting + free, len(prompts)))
             new = _prefill(m, [prompts[i] for i in take], take, pad_id)
             resizable = resizable and _can_resize(new.cache)
-            rows = new if rows is None else _join(rows, new, pad_id)
+            rows = new if rows is None else _join(rows, new, pad_id)  # free slots: no row is dead here
             waiting = take.stop
             if resizable:
                 _trim(rows)
+            dead = torch.zeros(len(rows), dtype=torch.bool, device=m.device)
         tokens = _choose(rows, sampling, generator)
         rows.steps = rows.steps + 1
-        done = torch.isin(tokens, eos) | (rows.steps >= max_new_tokens)
+        done = (torch.isin(tokens, eos) | (rows.steps >= max_new_tokens)) & ~dead
         if bool(done.any()):
             for b in done.nonzero().flatten().tolist():
                 fed = int(rows.steps[b]) - 1
                 yield int(rows.owner[b]), rows.ids[b, rows.ids.shape[1] - fed:].tolist() + [int(tokens[b])]
-            keep = (~done).nonzero().flatten()
-            if len(keep) == 0:
+            dead |= done
+            n_dead = int(dead.sum())
+            if n_dead == len(rows):
                 rows = None
                 continue
-            rows, tokens = _select(rows, keep), tokens[keep]
-            if resizable:
-                _trim(rows)
-        _feed(m, rows, tokens)
+            if n_dead >= max(1, len(rows) // DROP_SHARE):
+                keep = (~dead).nonzero().flatten()
+                rows, tokens, dead = _select(rows, keep), tokens[keep], dead[keep]
+                if resizable:
+                    _trim(rows)
+        _feed(m, rows, tokens.masked_fill(dead, pad_id))
 
 
 def decode(model, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:

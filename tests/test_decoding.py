@@ -254,3 +254,19 @@ def test_in_place_layer_equals_concatenation_and_writes_in_place():
     fk, fv = fast.update(k, v)  # ... and the next update rebuilds the buffer from them
     rk, rv = ref.update(k, v)
     assert torch.equal(fk, rk) and torch.equal(fv, rv)
+
+
+def test_finished_rows_wait_to_leave_until_they_are_a_share_of_the_batch(tiny_model, monkeypatch):
+    """Dropping rows copies the whole cache, so finished rows stay (fed padding) until they
+    are 1/DROP_SHARE of the batch; the live rows' tokens do not change."""
+    from esr_train import decoding
+
+    monkeypatch.setattr(decoding, "DROP_SHARE", 2)
+    eos = stopper(hf(tiny_model, PROMPTS, NEVER))
+    expected = hf(tiny_model, PROMPTS, eos)
+    for batch_size, refill in ((6, False), (4, True), (2, True)):
+        assert decode(tiny_model, PROMPTS, max_new_tokens=N, batch_size=batch_size, refill=refill,
+                      eos_token_id=eos, pad_token_id=0) == expected
+    sizes = [rows for rows, _, _ in _passes(tiny_model, batch_size=6, refill=False, eos_token_id=eos)]
+    drops = [a - b for a, b in zip(sizes, sizes[1:]) if a > b]
+    assert drops[0] >= 3, sizes  # the first rows to finish waited for half the batch
