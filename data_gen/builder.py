@@ -355,13 +355,13 @@ def _write(cfg: GenerateConfig, out: Path, rows: dict[str, list[Transcript]], re
     (out / "summary.json").unlink(missing_ok=True)  # the dataset is incomplete until the summary is back
     # one shard per split, even an empty one: an empty split saved with no shard cannot be loaded back
     ds.save_to_disk(str(out), num_shards={k: 1 for k in ds})
-    for split, r in splits.items():
-        atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in r))
+    jsonl = {f"{split}.jsonl": r for split, r in splits.items()}
     if mined is not None:
         from data_gen import false_restarts
 
-        atomic_write_text(out / false_restarts.FILE,
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mined["rows"]))
+        jsonl[false_restarts.FILE] = mined["rows"]
+    for name, r in jsonl.items():
+        atomic_write_text(out / name, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in r))
     summary = summarize(cfg, splits, rejected, duplicates, elapsed, stage_s)
     if mined is not None:
         summary["restart_probes"] = {k: len(v) if k == "rows" else v for k, v in mined.items()}

@@ -16,14 +16,13 @@ SFT tool reading the dataset never trains *toward* them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
+from esr_train.records import json_objects
 from eval.attempts import find_restarts
 
 FILE = "false_restarts.jsonl"
-COLUMNS = ("prompt", "opener", "restart", "model", "seed")
 
 
 def mine(prompt: str, texts: Iterable[str], model: str, seed: int = 0) -> tuple[list[dict], int]:
@@ -51,14 +50,8 @@ def read(dataset_dir: str | Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
-        missing = [c for c in ("prompt", "opener", "restart") if not isinstance(row, dict) or not row.get(c)]
+    for n, row in json_objects(path):
+        missing = [c for c in ("prompt", "opener", "restart") if not row.get(c)]
         if missing:
             raise ValueError(f"{path}:{n}: missing {', '.join(missing)}")
         rows.append(row)

@@ -30,7 +30,7 @@ def test_mine_keeps_the_opener_and_the_restart_span():
 
 
 @pytest.mark.parametrize("line, match", [
-    ("{not json", r"false_restarts.jsonl:2: not JSON"),
+    ("{not json", r"false_restarts.jsonl:2: not valid JSON"),
     (json.dumps({"prompt": "p", "opener": ""}), r"false_restarts.jsonl:2: missing opener, restart"),
 ])
 def test_bad_mined_file_names_file_and_line(tmp_path, line, match):
