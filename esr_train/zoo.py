@@ -178,6 +178,12 @@ def prepare_model(name: str, root: str | os.PathLike | None = None, force: bool 
     return final
 
 
+def _zero3_enabled() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
 def _hub_offline() -> bool:
     """Read at call time (huggingface_hub reads HF_HUB_OFFLINE only once, at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
@@ -250,7 +256,10 @@ def load_model(
     kwargs = {"dtype": torch_dtype, "local_files_only": _hub_offline()}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": dev.index} if dev.type == "cuda" else None
+        # bitsandbytes places the weights where device_map says; under ZeRO-3 DeepSpeed shards
+        # and places them itself and transformers refuses a device_map
+        if dev.type == "cuda" and not _zero3_enabled():
+            kwargs["device_map"] = {"": dev.index}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
