@@ -9,8 +9,8 @@ weights downloaded), so a user can see before downloading 16 GB whether it fits.
 For a recipe meant for DeepSpeed, launch it the way the README launches training, e.g.
 ``accelerate launch --config_file recipes/accelerate/zero2.yaml --num_processes 1 -m benchmarks.gpu_recipes ...``.
 Everything else comes from the recipe's ``model`` and ``train`` sections (LoRA rank, 4-bit,
-optimizer, micro-batch, activation checkpointing); the rows are template rows of about
-``--row_tokens`` tokens, the study's length. The tokenizer is the bundled SmolLM2 one (its ids
+optimizer, micro-batch, activation checkpointing); the rows are bundled training prompts
+answered with template text of about ``--row_tokens`` tokens, the study's length. The tokenizer is the bundled SmolLM2 one (its ids
 fit every vocabulary here; the embedding keeps the hub model's size).
 """
 
@@ -61,26 +61,10 @@ def _build_model(name: str, layers: int, root: Path) -> Path:
     return out
 
 
-def _dataset(root: Path, rows: int, row_tokens: int) -> Path:
-    from data_gen.builder import GenerateConfig, build_dataset
-
-    sentence = "Work through the next part slowly, check it, and note what changed. "  # ~14 tokens
-    answer = (sentence * max(1, row_tokens // 14)).strip()
-    lines = []
-    for i in range(rows):
-        row = {"prompt": f"How do you do task number {i}?", "answer": answer, "split": "train"}
-        if i % 2:
-            row.update(distraction="Volcanoes form where magma rises through the crust. " * 4, subject="volcanoes")
-        lines.append(json.dumps(row) + "\n")
-    src = root / "rows.jsonl"
-    src.write_text("".join(lines), encoding="utf-8")
-    build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0, n=rows), root / "ds")
-    return root / "ds"
-
-
 def measure(recipe_path: str, layers: int, steps: int, row_tokens: int) -> dict:
     import torch
 
+    from benchmarks.train_bench import template_dataset
     from esr_train.config import load_recipe
     from esr_train.training.trainer import train
 
@@ -95,7 +79,9 @@ def measure(recipe_path: str, layers: int, steps: int, row_tokens: int) -> dict:
                              report_to="none")
         recipe["train"] = train_section
         batch = train_section.get("per_device_train_batch_size", 8) * train_section.get("gradient_accumulation_steps", 1)
-        data = _dataset(root, rows=batch * steps, row_tokens=row_tokens)
+        sentence = "Work through the next part slowly, check it, and note what changed. "  # ~14 tokens
+        data = template_dataset(root, n=batch * steps, answer=(sentence * max(1, row_tokens // 14)).strip(),
+                                distraction="Volcanoes form where magma rises through the crust. " * 4)
         torch.cuda.reset_peak_memory_stats()
         summary = train(recipe, root / "adapter", dataset_dir=data)
         peak = torch.cuda.max_memory_allocated() / 2**30

@@ -25,19 +25,25 @@ from benchmarks.report import GFLOP_PER_TOKEN, emit, machine_meta, make_row
 LORA_FACTOR = 2.0
 
 
-def _dataset(root: Path) -> Path:
-    """A template dataset of bundled prompts with ~150-token answers (no model needed)."""
+ANSWER = ("Start by gathering what you need and reading the steps once. " * 4 +
+          "Work slowly, check each step, and clean up when you are done. " * 4).strip()  # ~150 tokens
+DISTRACTION = "Volcanoes form where magma rises through the crust. Lava cools into new rock."
+
+
+def template_dataset(root: Path, n: int = 64, answer: str = ANSWER, distraction: str = DISTRACTION) -> Path:
+    """A template dataset of ``n`` bundled training prompts (every second one opening with
+    ``distraction``) all answered with ``answer`` (no model needed)."""
     from data_gen.banks import load_prompts
     from data_gen.builder import GenerateConfig, build_dataset
 
-    answer = ("Start by gathering what you need and reading the steps once. " * 4 +
-              "Work slowly, check each step, and clean up when you are done. " * 4).strip()
+    prompts = load_prompts("train")
+    if n > len(prompts):
+        raise SystemExit(f"template_dataset: {n} rows asked, the bundled bank has {len(prompts)} training prompts")
     rows = []
-    for i, p in enumerate(load_prompts("train")[:64]):
+    for i, p in enumerate(prompts[:n]):
         row = {"prompt": p["prompt"], "answer": answer, "split": "train"}
         if i % 2:
-            row.update(distraction="Volcanoes form where magma rises through the crust. Lava cools into new rock.",
-                       subject="volcanoes")
+            row.update(distraction=distraction, subject="volcanoes")
         rows.append(row)
     src = root / "rows.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -67,7 +73,7 @@ def measure(argv=None) -> list[dict]:
     dtypes = [auto] + (["float32"] if auto != "float32" else [])
     runs = {}
     with tempfile.TemporaryDirectory(prefix="esr-train-bench-") as tmp:
-        data = _dataset(Path(tmp))
+        data = template_dataset(Path(tmp))
         for dtype in dtypes:
             gflops = matmul_gflops(getattr(torch, dtype), n=1024)
             summary = train(recipe, Path(tmp) / f"out-{dtype}", dataset_dir=data,

@@ -178,12 +178,6 @@ def prepare_model(name: str, root: str | os.PathLike | None = None, force: bool 
     return final
 
 
-def _zero3_enabled() -> bool:
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    return is_deepspeed_zero3_enabled()
-
-
 def _hub_offline() -> bool:
     """Read at call time (huggingface_hub reads HF_HUB_OFFLINE only once, at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
@@ -255,10 +249,12 @@ def load_model(
     tokenizer = load_tokenizer(name_or_path, root)
     kwargs = {"dtype": torch_dtype, "local_files_only": _hub_offline()}
     if quantization is not None:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
         kwargs["quantization_config"] = quantization
         # bitsandbytes places the weights where device_map says; under ZeRO-3 DeepSpeed shards
         # and places them itself and transformers refuses a device_map
-        if dev.type == "cuda" and not _zero3_enabled():
+        if dev.type == "cuda" and not is_deepspeed_zero3_enabled():
             kwargs["device_map"] = {"": dev.index}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
