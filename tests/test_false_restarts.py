@@ -79,6 +79,27 @@ def test_mined_rows_become_negatives_whose_restart_tokens_are_unlikely(tmp_path)
     assert all(label == IGNORE for label, u in zip(enc["labels"], enc["unlikely"]) if u == IGNORE)
 
 
+def test_unlikely_tokens_mark_only_the_start_of_a_false_restart_and_end_the_row_there():
+    """``unlikely_tokens=M``: a negative row keeps its opener as context and marks only the
+    restart's first M tokens (nothing after them is in the row, so no later restart token is
+    trained as likely); other row kinds are untouched."""
+    from esr_train.training.tokenize import IGNORE, tokenize_row
+    from esr_train.zoo import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    row = {"prompt": "How do you give feedback?", "kind": "false_restart", "distraction": "Be specific and kind.",
+           "restart": "Let me start from the beginning", "answer": ""}
+    whole = tokenize_row(row, tok, max_length=256)
+    first2 = tokenize_row(row, tok, max_length=256, unlikely_tokens=2)
+    marked = [t for t in first2["unlikely"] if t != IGNORE]
+    assert len(marked) == 2 and tok.decode(marked).strip() == "Let me"
+    assert len(first2["input_ids"]) == len(whole["input_ids"]) - (len(tok.encode(" " + row["restart"])) - 2)
+    assert first2["input_ids"] == whole["input_ids"][:len(first2["input_ids"])]
+    assert [t for t in first2["labels"] if t != IGNORE] == marked
+    sc = {**row, "kind": "self_correction", "distraction": "Owls hunt at night.", "answer": "Ask first."}
+    assert tokenize_row(sc, tok, max_length=256, unlikely_tokens=1) == tokenize_row(sc, tok, max_length=256)
+
+
 @pytest.mark.slow
 def test_restart_probes_sample_the_writer_and_write_what_restarts(smollm, tmp_path):
     """On the real model: ``restart_probes`` samples k unsteered answers per training

@@ -87,6 +87,7 @@ def tokenize_row(
     answer_tokens: int | None = None,
     normal_tokens: int | None = None,
     normal_skip: int = 0,
+    unlikely_tokens: int | None = None,
 ) -> dict[str, Any] | None:
     """One row -> {"input_ids", "attention_mask", "labels", "n_loss_tokens", "answer_start"},
     or None when the row is longer than ``max_length`` or would train on nothing.
@@ -100,7 +101,10 @@ def tokenize_row(
     the push instead of drifting and restarting (R3, R6 in docs/results.md). ``normal_skip=K``
     keeps a normal row's first K answer tokens in the context but out of the loss, to test
     whether reinforcing the opener that restates the question is what anchors the adapters'
-    steered answers (R15: no effect beyond the training seed's spread).
+    steered answers (R15: no effect beyond the training seed's spread). ``unlikely_tokens=M``
+    makes only a false restart's first M tokens unlikely and ends the row there: the first
+    token is where the model decides to restart, while the later ones, given that start, are
+    the very tokens the self-correction rows train as likely.
     """
     kind = row.get("kind") or "normal"
     negative = kind == FALSE_RESTART
@@ -129,6 +133,8 @@ def tokenize_row(
     limit = normal_tokens if kind == "normal" and normal_tokens is not None else answer_tokens
     cut = limit is not None and len(answer_ids) > limit
     trained_ids = restart_ids + (answer_ids[:limit] if cut else answer_ids)
+    if negative and unlikely_tokens is not None:
+        trained_ids = trained_ids[:unlikely_tokens]
     if not trained_ids:
         return None
     if not cut and not negative:  # a false restart is cut off where it starts
@@ -147,26 +153,23 @@ def tokenize_row(
             "answer_start": len(prompt_ids) + len(masked_ids) + len(restart_ids)}
 
 
-def _map_row(row: dict[str, Any], tokenizer, max_length: int, system: str | None, eot: list[int],
-             answer_tokens: int | None = None, normal_tokens: int | None = None,
-             normal_skip: int = 0) -> dict[str, Any]:
-    """``Dataset.map`` cannot drop rows, so a status column records why a row goes."""
-    out = tokenize_row(row, tokenizer, max_length, system, eot, answer_tokens, normal_tokens, normal_skip)
+def _map_row(row: dict[str, Any], tokenizer, max_length: int, options: dict[str, Any]) -> dict[str, Any]:
+    """``Dataset.map`` cannot drop rows, so a status column records why a row goes;
+    ``options`` are :func:`tokenize_row`'s keyword arguments."""
+    out = tokenize_row(row, tokenizer, max_length, **options)
     if out is not None:
         return {**out, "_status": "ok"}
     # tell the two reasons apart: a row that fits but trains nothing vs. one that is too long
-    status = "no_loss" if tokenize_row(row, tokenizer, 10**9, system, eot, answer_tokens,
-                                       normal_tokens, normal_skip) is None else "too_long"
+    status = "no_loss" if tokenize_row(row, tokenizer, 10**9, **options) is None else "too_long"
     return {"input_ids": [], "attention_mask": [], "labels": [], "n_loss_tokens": 0, "answer_start": 0,
             UNLIKELY_COLUMN: [], "_status": status}
 
 
-def _fingerprint(ds: "datasets.Dataset", tokenizer, max_length: int, system: str | None, eot: list[int],
-                 answer_tokens: int | None = None, normal_tokens: int | None = None, normal_skip: int = 0) -> str:
+def _fingerprint(ds: "datasets.Dataset", tokenizer, max_length: int, options: dict[str, Any]) -> str:
     """A cheap cache key for ``Dataset.map``: by default datasets dill-hashes the whole
     tokenizer (about 10 s for Gemma's 262k vocabulary) on every call."""
     key = [getattr(ds, "_fingerprint", None), tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template,
-           max_length, system, eot, answer_tokens, normal_tokens, normal_skip, _FORMAT]
+           max_length, sorted(options.items()), _FORMAT]
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
 
 
@@ -181,24 +184,24 @@ def tokenize_dataset(
     answer_tokens: int | None = None,
     normal_tokens: int | None = None,
     normal_skip: int = 0,
+    unlikely_tokens: int | None = None,
 ) -> tuple["datasets.Dataset", dict[str, int]]:
     """Tokenize and mask every row; returns (dataset with input_ids / attention_mask /
     labels, plus the ``keep`` columns of ``tokenize_row`` such as ``answer_start``, stats).
     Dropped rows are counted, never silently lost."""
     from datasets import Features, List, Value
 
-    eot = end_of_turn_ids(tokenizer)
+    options = {"system": system, "eot": end_of_turn_ids(tokenizer), "answer_tokens": answer_tokens,
+               "normal_tokens": normal_tokens, "normal_skip": normal_skip, "unlikely_tokens": unlikely_tokens}
     features = Features({"input_ids": List(Value("int32")), "attention_mask": List(Value("int8")),
                          "labels": List(Value("int32")), "n_loss_tokens": Value("int32"), "answer_start": Value("int32"),
                          UNLIKELY_COLUMN: List(Value("int32")), "_status": Value("string")})
     mapped = ds.map(
         _map_row,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "system": system, "eot": eot,
-                   "answer_tokens": answer_tokens, "normal_tokens": normal_tokens, "normal_skip": normal_skip},
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "options": options},
         remove_columns=ds.column_names,
         features=features,
-        new_fingerprint=_fingerprint(ds, tokenizer, max_length, system, eot, answer_tokens, normal_tokens,
-                                     normal_skip),
+        new_fingerprint=_fingerprint(ds, tokenizer, max_length, options),
         num_proc=num_proc if num_proc > 1 else None,
         desc="tokenize",
     )

@@ -169,7 +169,8 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         keep = (*keep, UNLIKELY_COLUMN)
     # the same for the train and eval splits
     rows_as = dict(system=extras.system_prompt, keep=keep, answer_tokens=extras.answer_loss_tokens,
-                   normal_tokens=extras.normal_loss_tokens, normal_skip=extras.normal_skip_tokens)
+                   normal_tokens=extras.normal_loss_tokens, normal_skip=extras.normal_skip_tokens,
+                   unlikely_tokens=extras.unlikely_tokens)
     train_ds, train_stats = tokenize_dataset(ds["train"], tok, max_length, extra_columns=steer_cols.get("train"),
                                              **rows_as)
     if len(train_ds) == 0:
@@ -242,7 +243,8 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
                      "schedule": extras.steer_schedule, "span": extras.steer_span,
                      "subjects": len(subjects)} if extras.steer_strength else None,
         "unlikelihood": {"weight": extras.unlikelihood_weight, "false_restart_rows": negatives, "mined_rows": len(mined),
-                         "sentences": extras.false_restart_sentences} if extras.unlikelihood_weight else None,
+                         "sentences": extras.false_restart_sentences, "unlikely_tokens": extras.unlikely_tokens}
+        if extras.unlikelihood_weight else None,
     }
     atomic_write_json(out / "esr_train_summary.json", summary)
     import yaml
