@@ -10,6 +10,7 @@ import pytest
 
 from data_gen import false_restarts
 from data_gen.builder import GenerateConfig, GenerateError, build_dataset
+from esr_train.training.recipe import TrainExtras
 from eval.attempts import has_restart
 
 TIC = ("Giving feedback is essential for growth. Let me start from the beginning: what is the purpose "
@@ -68,8 +69,8 @@ def test_mined_rows_become_negatives_whose_restart_tokens_are_unlikely(tmp_path)
     build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
     mined, _ = false_restarts.mine("How do you give feedback?", [TIC], model="m")
     split = load_from_disk(str(tmp_path / "ds"))["train"]
-    rows, n = with_false_restarts(split, seed=0, max_sentences=3, mined=mined)
-    assert n == 2 and len(rows) == len(split) + 2
+    rows, n, twins = with_false_restarts(split, seed=0, max_sentences=3, mined=mined)
+    assert n == 2 and twins == 0 and len(rows) == len(split) + 2
     row = [r for r in rows if r["prompt"] == "How do you give feedback?"][0]
     assert row["kind"] == "false_restart" and row["distraction"] == mined[0]["opener"] and row["answer"] == ""
     tok = load_tokenizer("smollm2-135m")
@@ -77,6 +78,43 @@ def test_mined_rows_become_negatives_whose_restart_tokens_are_unlikely(tmp_path)
     marked = [t for t in enc["unlikely"] if t != IGNORE]
     assert tok.decode(marked).strip() == mined[0]["restart"]
     assert all(label == IGNORE for label, u in zip(enc["labels"], enc["unlikely"]) if u == IGNORE)
+
+
+def test_mined_positives_twin_each_mined_restart_with_a_drift_that_restarts_the_same_way(tmp_path):
+    """``mined_positives``: every mined negative gets a self-correction twin with the mined
+    phrase as its restart, copied from a row of the same prompt when there is one; the twin
+    trains the phrase as likely after the drift, the negative marks it unlikely after the
+    opener."""
+    from datasets import load_from_disk
+
+    from esr_train.training.tokenize import IGNORE, tokenize_row
+    from esr_train.training.trainer import with_false_restarts
+    from esr_train.zoo import load_tokenizer
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "How do you cook rice?", "answer": "Rinse the rice. Boil it for fifteen minutes.", "split": "train"},
+        {"prompt": "How do you boil an egg?", "answer": "Boil water first.", "distraction": "Owls hunt at night.",
+         "subject": "owls", "split": "train"},
+        {"prompt": "How do you give feedback?", "answer": "Be specific.", "distraction": "Mars is red.",
+         "subject": "mars", "split": "train"},
+    ]), encoding="utf-8")
+    build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
+    mined = [{"prompt": "How do you give feedback?", "opener": "Feedback matters.", "restart": "Let me start over"},
+             {"prompt": "How do you iron a shirt?", "opener": "Irons get hot.", "restart": "Let me try again"}]
+    split = load_from_disk(str(tmp_path / "ds"))["train"]
+    rows, n, twins = with_false_restarts(split, seed=0, max_sentences=3, mined=mined, mined_positives=True)
+    assert (n, twins) == (3, 2) and len(rows) == len(split) + 5
+    pairs = [r for r in rows if r["id"].startswith("mined-pair-")]
+    assert [r["restart"] for r in pairs] == ["Let me start over", "Let me try again"]
+    assert all(r["kind"] == "self_correction" and r["distraction"] and r["answer"] for r in pairs)
+    assert pairs[0]["prompt"] == "How do you give feedback?" and pairs[0]["distraction"] == "Mars is red."
+    tok = load_tokenizer("smollm2-135m")
+    enc = tokenize_row(pairs[0], tok, max_length=256)
+    trained = tok.decode([t for t in enc["labels"] if t != IGNORE])
+    assert trained.strip().startswith("Let me start over Be specific.") and set(enc["unlikely"]) == {IGNORE}
+    with pytest.raises(Exception, match="mined_positives"):
+        TrainExtras(mined_positives=True)
 
 
 def test_unlikely_tokens_mark_only_the_start_of_a_false_restart_and_end_the_row_there():

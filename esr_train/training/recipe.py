@@ -64,10 +64,15 @@ class TrainExtras:
                 "by unlikelihood at this weight (0: off)"})
     false_restart_sentences: int = field(default=3, metadata={
         "help": "the false restarts follow one of the normal answer's first N sentences"})
+    mined_positives: bool = field(default=False, metadata={
+        "help": "pair each mined false restart with a self-correction row restarting with the same phrase"})
     unlikely_tokens: int | None = field(default=None, metadata={
         "help": "make only each false restart's first N tokens unlikely (null: the whole restart phrase)"})
 
     def __post_init__(self) -> None:
+        if self.mined_positives and not self.unlikelihood_weight:
+            raise RecipeError("train.mined_positives pairs the mined negatives of unlikelihood training: it needs "
+                              "train.unlikelihood_weight > 0")
         if self.unlikely_tokens is not None and self.unlikely_tokens < 1:
             raise RecipeError(f"train.unlikely_tokens must be >= 1 or null, got {self.unlikely_tokens}")
         if self.unlikelihood_weight < 0 or self.false_restart_sentences < 1:

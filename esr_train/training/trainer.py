@@ -95,18 +95,21 @@ def load_training_data(paths: list[Path]):
                 "rows": {k: len(v) for k, v in ds.items()}}
 
 
-def with_false_restarts(split, seed: int, max_sentences: int, mined=()):
+def with_false_restarts(split, seed: int, max_sentences: int, mined=(), mined_positives: bool = False):
     """``split`` plus one false-restart negative per normal row that can be cut
     (``esr_train.training.unlikelihood``) and one per ``mined`` row (the writer's own
-    false restarts, ``data_gen.false_restarts``); returns (rows, number of negatives)."""
+    false restarts, ``data_gen.false_restarts``), and with ``mined_positives`` a
+    self-correction twin per mined row; returns (rows, number of negatives, number of twins)."""
     from datasets import Dataset, concatenate_datasets
 
-    from esr_train.training.unlikelihood import false_restart_rows, mined_negative_rows
+    from esr_train.training.unlikelihood import false_restart_rows, mined_negative_rows, mined_positive_rows
 
     negatives = false_restart_rows(split, seed, max_sentences) + mined_negative_rows(mined, split.column_names)
-    if not negatives:
-        return split, 0
-    return concatenate_datasets([split, Dataset.from_list(negatives, features=split.features)]), len(negatives)
+    twins = mined_positive_rows(mined, split, seed) if mined_positives and mined else []
+    if not negatives and not twins:
+        return split, 0, 0
+    return (concatenate_datasets([split, Dataset.from_list(negatives + twins, features=split.features)]),
+            len(negatives), len(twins))
 
 
 def resolve_sections(recipe: dict[str, dict], overrides: dict[str, Any], where: str):
@@ -144,7 +147,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     cuda = torch.cuda.is_available()
     dtype = resolve_dtype(section.dtype, "cuda" if cuda else "cpu")
     ds, data_fingerprint = load_training_data(data_paths)
-    negatives, mined = 0, []
+    negatives, twins, mined = 0, 0, []
     if extras.unlikelihood_weight:
         from data_gen import false_restarts
 
@@ -152,8 +155,9 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
             mined = [r for p in data_paths for r in false_restarts.read(p)]
         except ValueError as exc:
             raise TrainError(str(exc)) from None
-        ds["train"], negatives = with_false_restarts(ds["train"], int(sft_kwargs.get("seed", 0)),
-                                                     extras.false_restart_sentences, mined)
+        ds["train"], negatives, twins = with_false_restarts(ds["train"], int(sft_kwargs.get("seed", 0)),
+                                                            extras.false_restart_sentences, mined,
+                                                            extras.mined_positives)
     tok = load_tokenizer(section.name)
     max_length = int(sft_kwargs.get("max_length") or 512)
     steer_cols: dict[str, dict] = {}
@@ -243,6 +247,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
                      "schedule": extras.steer_schedule, "span": extras.steer_span,
                      "subjects": len(subjects)} if extras.steer_strength else None,
         "unlikelihood": {"weight": extras.unlikelihood_weight, "false_restart_rows": negatives, "mined_rows": len(mined),
+                         "mined_positive_rows": twins,
                          "sentences": extras.false_restart_sentences, "unlikely_tokens": extras.unlikely_tokens}
         if extras.unlikelihood_weight else None,
     }

@@ -75,6 +75,25 @@ def mined_negative_rows(mined, columns) -> list[dict[str, Any]]:
             for i, r in enumerate(mined)]
 
 
+def mined_positive_rows(mined, rows, seed: int) -> list[dict[str, Any]]:
+    """One self-correction row per mined false restart, restarting with the mined phrase
+    after off-topic text: a copy of a self-correction row of the same prompt (any one when
+    the data has none for it) with its restart replaced. Each negative then has a twin that
+    differs only in what came before the phrase, so the loss can only separate them by the
+    context (on-topic opener: unlikely; drift: likely), not by the phrase."""
+    rows = list(rows)
+    corrections = [r for r in rows if r.get("kind") == "self_correction" and r.get("distraction") and r.get("answer")]
+    if not corrections:
+        raise ValueError("mined_positives needs self-correction rows to copy")
+    by_prompt: dict[str, list[dict]] = {}
+    for r in corrections:
+        by_prompt.setdefault(r["prompt"], []).append(r)
+    rng = random.Random(seed)
+    return [{**rng.choice(by_prompt.get(m["prompt"], corrections)), "id": f"mined-pair-{i}", "restart": m["restart"],
+             **({"messages": []} if "messages" in rows[0] else {})}
+            for i, m in enumerate(mined)]
+
+
 def unlikelihood_loss(log_probs, unlikely_mask):
     """Sum over marked positions of -log(1 - p), from log p (clamped so a token the model
     is sure of gives a large finite loss instead of inf)."""
