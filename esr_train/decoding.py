@@ -113,7 +113,11 @@ class _Model:
         """One pass; returns the float32 logits of the last position of every row."""
         if self.steering is not None:
             self.steering.update(owner, offset)
-        extra = {"logits_to_keep": 1} if self.keep_one else {}
+        # The last position as an index tensor, not ``logits_to_keep=1``: the int form slices a
+        # strided [rows, 1, hidden] view, which torch.matmul cannot fold into one mm when the head's
+        # weight needs no grad (a loaded PEFT adapter freezes it); it then broadcasts the whole
+        # head to every row, 6.9 GB for 128 SmolLM2 rows (docs/performance.md P11). Indexing copies.
+        extra = {"logits_to_keep": torch.tensor([ids.shape[1] - 1], device=ids.device)} if self.keep_one else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          **{self.cache_kw: cache}, **extra)
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)

@@ -270,3 +270,18 @@ def test_finished_rows_wait_to_leave_until_they_are_a_share_of_the_batch(tiny_mo
     sizes = [rows for rows, _, _ in _passes(tiny_model, batch_size=6, refill=False, eos_token_id=eos)]
     drops = [a - b for a, b in zip(sizes, sizes[1:]) if a > b]
     assert drops[0] >= 3, sizes  # the first rows to finish waited for half the batch
+
+
+def test_head_runs_one_matmul_when_the_model_is_frozen(tiny_model):
+    """A loaded adapter freezes the base; the prefill's last-position logits must still be one
+    mm over the rows, never the head's weight broadcast to every row (a [rows, hidden, vocab]
+    copy: 6.9 GB for 128 SmolLM2 rows, docs/performance.md P11)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tiny_model.requires_grad_(False)
+    cfg = tiny_model.config
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        decode(tiny_model, PROMPTS, max_new_tokens=2, eos_token_id=NEVER)
+    broadcast = [e.input_shapes for e in prof.events() if e.name == "aten::bmm"
+                 and [len(PROMPTS), cfg.hidden_size, cfg.vocab_size] in e.input_shapes]
+    assert not broadcast
