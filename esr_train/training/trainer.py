@@ -133,6 +133,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     from trl import SFTConfig, SFTTrainer
 
     from esr_train.dtype import resolve_dtype
+    from esr_train.training.labelled_head import labelled_positions_only
     from esr_train.training.tokenize import tokenize_dataset
     from esr_train.training.unlikelihood import UNLIKELY_COLUMN, trainer_class
     from esr_train.zoo import load_model, load_tokenizer
@@ -224,12 +225,13 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     if extras.unlikelihood_weight:
         trainer_cls, common["unlikelihood_weight"] = trainer_class(trainer_cls), extras.unlikelihood_weight
     trainer = trainer_cls(**common)
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last if resume and last else None)
-    wall = time.perf_counter() - t0
-    trainer.save_model(str(out))
-    tok.save_pretrained(str(out))
-    final_eval = trainer.evaluate() if eval_ds is not None else {}
+    with labelled_positions_only():
+        t0 = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=last if resume and last else None)
+        wall = time.perf_counter() - t0
+        trainer.save_model(str(out))
+        tok.save_pretrained(str(out))
+        final_eval = trainer.evaluate() if eval_ds is not None else {}
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)

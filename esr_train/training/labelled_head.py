@@ -1,0 +1,41 @@
+"""Project only the labelled positions through TRL's fused LM head, on every device.
+
+TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, which ``SFTTrainer`` puts on
+every model it trains) scores only the positions whose label is not -100 where Triton runs
+(CUDA, XPU). Elsewhere it scores every position, so that tile shapes stay fixed for
+compilers that would recompile on each new shape (Neuron). On CPU nothing recompiles, and
+esr-train's rows mask the prompt and the distraction from the loss: in a batch of the
+SmolLM2 recipe most positions are masked, and the head (49,152 x 576, run in fp32 chunks by
+TRL on CPU) was a quarter of a training step (docs/performance.md P12). The masked
+positions' log-probs are zeroed either way, so the loss, its gradients and TRL's metrics are
+the same; only the wasted projections go.
+
+TRL decides through one module-level function, ``_use_triton(device)``, read in
+``trl.trainer.utils`` only to choose that compaction (its kernels read their own copy).
+``labelled_positions_only`` answers yes there for the length of a ``with`` block and puts
+the original back after; with a TRL that no longer has that name it changes nothing.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+_TRL_MODULE = "trl.trainer.utils"
+_SWITCH = "_use_triton"
+
+
+@contextmanager
+def labelled_positions_only():
+    """Inside the block, TRL's fused head projects only labelled positions on any device."""
+    import importlib
+
+    module = importlib.import_module(_TRL_MODULE)
+    original = getattr(module, _SWITCH, None)
+    if original is None:
+        yield False
+        return
+    setattr(module, _SWITCH, lambda device: True)
+    try:
+        yield True
+    finally:
+        setattr(module, _SWITCH, original)
