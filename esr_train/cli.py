@@ -342,8 +342,8 @@ def _add_pipeline(sub) -> None:
                        description="Overrides go to one section: --data.n 100 --train.max_steps 40 --eval.trials 50")
     p.add_argument("recipe", help="recipe YAML (sections model, data, train, eval)")
     p.add_argument("--out", "--output_dir", dest="out", help="run directory (default runs/RECIPE_NAME)")
-    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of the stages "
-                   "(generate2 and train2 act only for a recipe with a round2 section)")
+    p.add_argument("--stages", help="comma-separated subset of the stages (default: all of them: generate, "
+                   f"train, then generateN and trainN for each roundN section, {', '.join(STAGES[-2:])})")
     p.set_defaults(func=_pipeline, accepts_overrides=True)
 
 
@@ -361,8 +361,8 @@ def _pipeline(args) -> int:
             raise RecipeError(f"pipeline override --{key}: write --data.KEY, --train.KEY or --eval.KEY")
         sections.setdefault(section, {})[name] = value
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
-    result = run_pipeline(args.recipe, out, stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
-                          overrides=sections)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None
+    result = run_pipeline(args.recipe, out, stages=stages, overrides=sections)
     print(describe(result))
     if result.get("summary"):
         print(format_table(result["summary"]))

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
 SECTIONS = ("model", "data", "train", "eval", "round2")
 ROUND2_SECTIONS = ("data", "train")
-"""``round2`` (``esr pipeline`` only) holds data/train keys for an on-policy second round."""
+"""``round2`` (``esr pipeline`` only) holds data/train keys for an on-policy second round;
+``round3``, ``round4``, ... hold the same for further rounds, each written by the adapter of
+the round before (:func:`rounds`)."""
+ROUND_SECTION = re.compile(r"round([2-9])")
 
 
 class RecipeError(ValueError):
@@ -94,16 +98,43 @@ def load_recipe(path: str | Path) -> dict[str, dict]:
         raise RecipeError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections {', '.join(SECTIONS)}")
-    unknown = sorted(set(data) - set(SECTIONS))
+    round_names = sorted((n for n in data if ROUND_SECTION.fullmatch(str(n))), key=lambda n: int(n[5:]))
+    unknown = sorted(set(data) - set(SECTIONS) - set(round_names), key=str)
     if unknown:
-        raise RecipeError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+        raise RecipeError(f"{path}: unknown section(s) {', '.join(map(str, unknown))}; valid: "
+                          f"{', '.join(SECTIONS)}, round3 ... round9")
     for name, body in data.items():
         if body is not None and not isinstance(body, dict):
             raise RecipeError(f"{path}: section {name!r} must be a mapping")
-    for name, body in (data.get("round2") or {}).items():
-        if name not in ROUND2_SECTIONS or (body is not None and not isinstance(body, dict)):
-            raise RecipeError(f"{path}: round2.{name}: round2 holds the mappings {', '.join(ROUND2_SECTIONS)}")
-    return {name: dict(data.get(name) or {}) for name in SECTIONS}
+    for k, name in enumerate(round_names, start=2):
+        if name != f"round{k}":
+            raise RecipeError(f"{path}: {name} needs round{k} before it (rounds are numbered from 2 without gaps)")
+        if not data.get(name) and len(round_names) > 1:
+            raise RecipeError(f"{path}: {name} is empty; a round names the keys it changes (at least data.seed)")
+        for key, body in (data.get(name) or {}).items():
+            if key not in ROUND2_SECTIONS or (body is not None and not isinstance(body, dict)):
+                raise RecipeError(f"{path}: {name}.{key}: {name} holds the mappings {', '.join(ROUND2_SECTIONS)}")
+    return {name: dict(data.get(name) or {}) for name in (*SECTIONS, *round_names)}
+
+
+def rounds(recipe: dict[str, dict]) -> list[int]:
+    """The on-policy rounds after the first that ``recipe`` configures: [2, 3] for a recipe
+    with non-empty ``round2`` and ``round3`` sections, [] for a one-round recipe."""
+    found = []
+    for k in range(2, 10):
+        if not recipe.get(f"round{k}"):
+            break
+        found.append(k)
+    return found
+
+
+def round_settings(recipe: dict[str, dict], k: int, part: str) -> dict[str, Any]:
+    """The ``part`` (data or train) keys round ``k`` changes: round2's, then round3's, ...,
+    then round k's, each replacing the one before, so a later round names only what differs."""
+    values: dict[str, Any] = {}
+    for j in range(2, k + 1):
+        values.update((recipe.get(f"round{j}") or {}).get(part) or {})
+    return values
 
 
 def section_with_overrides(recipe: dict[str, dict] | None, section: str, args: argparse.Namespace, cls,

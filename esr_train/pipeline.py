@@ -9,6 +9,7 @@ streamed trials). The report is always rewritten (about a second). Layout::
     RUN/data/      dataset (datasets.load_from_disk) + train/test JSONL + summary.json
     RUN/adapter/   LoRA adapter (PeftModel.from_pretrained) + esr_train_summary.json
     RUN/round2/data/, RUN/round2/adapter/   only for a recipe with a ``round2`` section
+    RUN/round3/data/, RUN/round3/adapter/   ... and so on for ``round3`` ... ``round9``
     RUN/eval/      trials.jsonl, summary.json, calibration.json
     RUN/eval/report.html, report.md, plots/
 
@@ -17,6 +18,11 @@ adapter writes more rows on-policy (``round2.data`` keys replace ``data`` keys; 
 self backend the adapter is the writer), and the final adapter is trained on both rounds
 (``round2.train`` keys replace ``train`` keys, e.g. ``unlikelihood_weight``). The eval stage
 evaluates the final adapter. Without ``round2`` the two stages do nothing.
+
+``round3`` (then ``round4``, ...) repeats this once more (docs/results.md R29-R30): the
+previous round's adapter writes and probes (its own false restarts become negatives), and a
+new adapter is trained from the base model on every round's data. A round's keys replace
+those of the round before, so ``round3`` names only what differs from ``round2``.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import resource
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +43,7 @@ from esr_train.cache import atomic_write_json, read_json
 log = logging.getLogger(__name__)
 
 STAGES = ("generate", "train", "generate2", "train2", "eval", "report")
+"""The stages of a one- or two-round recipe; :func:`stage_names` gives any recipe's."""
 
 
 def _generate(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
@@ -61,28 +70,48 @@ def _train(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
     return _train_on(recipe, recipe_path, run / "adapter", [run / "data"], overrides.get("train", {}))
 
 
-def _generate2(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
-    """Round two's data, written by the round-one adapter when the backend is ``self``."""
-    if not recipe.get("round2"):
-        return {"skipped": "no round2 section"}
-    data = {**recipe.get("data", {}), **(recipe["round2"].get("data") or {})}
+def _round_dir(run: Path, k: int) -> Path:
+    """Where round ``k`` keeps its data and adapter (round one: the run directory itself)."""
+    return run if k == 1 else run / f"round{k}"
+
+
+def _generate_round(k: int, recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
+    """Round ``k``'s data, written by round ``k - 1``'s adapter when the backend is ``self``."""
+    from esr_train.config import rounds
+
+    if k not in rounds(recipe):
+        return {"skipped": f"no round{k} section"}
+    data = round_data(recipe, run, k)
+    return _generate({**recipe, "data": data}, f"{recipe_path}: round{k}", _round_dir(run, k), overrides)
+
+
+def round_data(recipe: dict, run: Path, k: int) -> dict:
+    """Round ``k``'s generation settings: ``data`` with each round's keys up to ``k`` on top
+    and, for the ``self`` backend, round ``k - 1``'s adapter as the writer."""
+    from esr_train.config import round_settings
+
+    data = {**recipe.get("data", {}), **round_settings(recipe, k, "data")}
     if data.get("backend", "self") == "self":
-        data["adapter"] = str(run / "adapter")
-    return _generate({**recipe, "data": data}, f"{recipe_path}: round2", run / "round2", overrides)
+        data["adapter"] = str(_round_dir(run, k - 1) / "adapter")
+    return data
 
 
-def _train2(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
-    """The final adapter, trained on both rounds' data."""
-    if not recipe.get("round2"):
-        return {"skipped": "no round2 section"}
-    train_overrides = {**(recipe["round2"].get("train") or {}), **overrides.get("train", {})}
-    return _train_on(recipe, f"{recipe_path}: round2", run / "round2" / "adapter",
-                     [run / "data", run / "round2" / "data"], train_overrides)
+def _train_round(k: int, recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
+    """Round ``k``'s adapter, trained from the base model on every round's data so far."""
+    from esr_train.config import round_settings, rounds
+
+    if k not in rounds(recipe):
+        return {"skipped": f"no round{k} section"}
+    train_overrides = {**round_settings(recipe, k, "train"), **overrides.get("train", {})}
+    return _train_on(recipe, f"{recipe_path}: round{k}", _round_dir(run, k) / "adapter",
+                     [_round_dir(run, j) / "data" for j in range(1, k + 1)], train_overrides)
 
 
 def final_adapter(recipe: dict, run: Path) -> Path:
-    """The adapter the eval stage measures: round two's when the recipe has one."""
-    return run / "round2" / "adapter" if recipe.get("round2") else run / "adapter"
+    """The adapter the eval stage measures: the last round's."""
+    from esr_train.config import rounds
+
+    return _round_dir(run, max(rounds(recipe), default=1)) / "adapter"
 
 
 def _file_digest(path: Path) -> str | None:
@@ -136,8 +165,26 @@ def _report(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
 
 
 RUNNERS: dict[str, Callable[[dict, str, Path, dict], dict]] = {
-    "generate": _generate, "train": _train, "generate2": _generate2, "train2": _train2, "eval": _eval,
-    "report": _report}
+    "generate": _generate, "train": _train, "eval": _eval, "report": _report}
+ROUND_STAGE = re.compile(r"(generate|train)([2-9])")
+
+
+def stage_names(recipe: dict) -> tuple[str, ...]:
+    """The recipe's stages in order: round one, then each further round's generate and
+    train, then eval and report. generate2/train2 are always named (they skip without a
+    round2 section), so ``--stages`` means the same for one- and two-round recipes."""
+    from esr_train.config import rounds
+
+    later = [s for k in (rounds(recipe) or [2]) for s in (f"generate{k}", f"train{k}")]
+    return ("generate", "train", *later, "eval", "report")
+
+
+def _runner(stage: str) -> Callable[[dict, str, Path, dict], dict]:
+    later = ROUND_STAGE.fullmatch(stage)
+    if later:
+        step = _generate_round if later.group(1) == "generate" else _train_round
+        return partial(step, int(later.group(2)))
+    return RUNNERS[stage]
 
 
 def maxrss_mib(ru_maxrss: int) -> float:
@@ -151,7 +198,7 @@ def peak_rss_mib() -> float:
     return round(maxrss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1)
 
 
-def run_pipeline(recipe_path: str, run_dir: str | Path, *, stages: tuple[str, ...] = STAGES,
+def run_pipeline(recipe_path: str, run_dir: str | Path, *, stages: tuple[str, ...] | None = None,
                  overrides: dict[str, dict] | None = None) -> dict[str, Any]:
     """Run the stages in order; returns {"stages": {name: {"seconds", "peak_rss_mib"}},
     "summary": eval summary}. ``peak_rss_mib`` is the process's high-water mark at the end
@@ -160,18 +207,20 @@ def run_pipeline(recipe_path: str, run_dir: str | Path, *, stages: tuple[str, ..
     ``overrides`` maps a section (data/train/eval) to keys that replace the recipe's."""
     from esr_train.config import load_recipe
 
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
     recipe = load_recipe(recipe_path)
+    names = stage_names(recipe)
+    stages = names if stages is None else stages
+    unknown = [s for s in stages if s not in names]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(names)}")
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     timings = read_json(run / "pipeline.json", default={}) or {}
     timings.setdefault("stages", {})
-    for i, stage in enumerate(s for s in STAGES if s in stages):
+    for i, stage in enumerate(s for s in names if s in stages):
         print(f"[{i + 1}/{len(stages)}] {stage}", flush=True)
         t0 = time.perf_counter()
-        result = RUNNERS[stage](recipe, str(recipe_path), run, overrides or {})
+        result = _runner(stage)(recipe, str(recipe_path), run, overrides or {})
         took = round(time.perf_counter() - t0, 1)
         timings["stages"][stage] = {"seconds": took, "peak_rss_mib": peak_rss_mib()}
         log.info("%s finished in %.1fs", stage, took)

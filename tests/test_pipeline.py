@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from esr_train.pipeline import STAGES, run_pipeline
+from esr_train.pipeline import STAGES, final_adapter, round_data, run_pipeline
 from tests.conftest import tiny_llama
 from tests.test_data_gen import write_jsonl
 from tests.test_training import ROWS
@@ -145,30 +145,56 @@ def test_unknown_stage_is_named(pipeline, tmp_path) -> None:
     assert not (tmp_path / "run" / "pipeline.json").exists() and not (tmp_path / "run" / "data").exists()
 
 
-def test_round_two_trains_the_final_adapter_on_both_rounds(pipeline, tmp_path) -> None:
-    """A recipe with a round2 section: round two's data is written with its own keys, the
-    final adapter is trained on both rounds with round2.train's keys, the eval measures it,
-    and a second run redoes nothing."""
+def test_later_rounds_train_the_final_adapter_on_every_round(pipeline, tmp_path) -> None:
+    """A recipe with round2 and round3 sections: each round's data is written with its own
+    keys, round three inherits round two's train keys (max_steps 3), each round's adapter is
+    trained on every round so far, the eval measures round three's, and a second run redoes
+    nothing."""
     path = pipeline[0]
     recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
     second = [{**r, "answer": r["answer"] + " That is all."} for r in ROWS]
+    third = [{**r, "answer": r["answer"] + " Done."} for r in ROWS[:3]]
     recipe["round2"] = {"data": {"template_file": str(write_jsonl(tmp_path / "round2.jsonl", second))},
                         "train": {"max_steps": 3}}
-    two = tmp_path / "two.yaml"
-    two.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    recipe["round3"] = {"data": {"template_file": str(write_jsonl(tmp_path / "round3.jsonl", third))}}
+    rounds = tmp_path / "rounds.yaml"
+    rounds.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     run = tmp_path / "run"
     with one_thread_and_private_cache(tmp_path / "esr-cache"):
-        result = run_pipeline(str(two), run)
-        rows = json.loads((run / "round2" / "data" / "summary.json").read_text(encoding="utf-8"))
-        assert rows["total"] == len(second)
-        first = json.loads((run / "adapter" / "esr_train_summary.json").read_text(encoding="utf-8"))
-        final = json.loads((run / "round2" / "adapter" / "esr_train_summary.json").read_text(encoding="utf-8"))
-        assert first["steps"] == 2 and final["steps"] == 3 and len(final["dataset"]["parts"]) == 2
-        assert result["summary"]["config"]["adapters"] == [str(run / "round2" / "adapter")]
-        kept = [run / "round2" / "adapter" / name for name in ADAPTER_FILES] + [run / "eval" / "trials.jsonl"]
+        result = run_pipeline(str(rounds), run)
+        assert list(result["stages"]) == ["generate", "train", "generate2", "train2", "generate3", "train3",
+                                          "eval", "report"]
+        rows = {k: json.loads((run / f"round{k}" / "data" / "summary.json").read_text(encoding="utf-8"))["total"]
+                for k in (2, 3)}
+        assert rows == {2: len(second), 3: len(third)}
+
+        def trained(adapter: Path) -> dict:
+            return json.loads((adapter / "esr_train_summary.json").read_text(encoding="utf-8"))
+
+        first, two, three = (trained(run / "adapter"), trained(run / "round2" / "adapter"),
+                             trained(run / "round3" / "adapter"))
+        assert (first["steps"], two["steps"], three["steps"]) == (2, 3, 3)
+        assert [len(a["dataset"]["parts"]) for a in (two, three)] == [2, 3]
+        assert result["summary"]["config"]["adapters"] == [str(run / "round3" / "adapter")]
+        kept = [run / "round3" / "adapter" / name for name in ADAPTER_FILES] + [run / "eval" / "trials.jsonl"]
         before = mtimes(kept)
-        run_pipeline(str(two), run)
+        run_pipeline(str(rounds), run)
         assert mtimes(kept) == before
+
+
+def test_each_round_is_written_by_the_adapter_of_the_round_before(tmp_path) -> None:
+    """With the self backend round k's writer is round k-1's adapter, and its data keys are
+    data's, then round2's, ..., then round k's."""
+    recipe = {"data": {"backend": "self", "n": 160, "seed": 0},
+              "round2": {"data": {"seed": 1, "restart_probes": 4}}, "round3": {"data": {"seed": 2, "n": 16}}}
+    run = tmp_path / "run"
+    assert round_data(recipe, run, 2) == {"backend": "self", "n": 160, "seed": 1, "restart_probes": 4,
+                                          "adapter": str(run / "adapter")}
+    assert round_data(recipe, run, 3) == {"backend": "self", "n": 16, "seed": 2, "restart_probes": 4,
+                                          "adapter": str(run / "round2" / "adapter")}
+    assert "adapter" not in round_data({**recipe, "data": {"backend": "template"}}, run, 3)
+    assert final_adapter(recipe, run) == run / "round3" / "adapter"
+    assert final_adapter({"data": {}}, run) == run / "adapter"
 
 
 def test_new_adapter_weights_set_the_old_eval_aside(pipeline) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from data_gen.builder import GenerateConfig
-from esr_train.config import RecipeError, build, load_recipe
+from esr_train.config import RecipeError, build, load_recipe, round_settings, rounds
 from esr_train.training.trainer import resolve_sections
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -36,10 +36,10 @@ def test_recipe_parses_and_validates(path):
     sft.pop("optim", None)  # 8-bit optimizers need bitsandbytes' CUDA build
     SFTConfig(output_dir="/tmp/esr-recipe-check", use_cpu=True, **{k: v for k, v in sft.items() if k not in ("bf16", "fp16")})
     assert section.name
-    if recipe["round2"]:  # esr pipeline's second round: its keys replace the first round's
-        build(GenerateConfig, {**recipe["data"], **recipe["round2"].get("data", {}), "model": recipe["model"]["name"]},
-              f"{path}: round2: data")
-        resolve_sections(recipe, recipe["round2"].get("train", {}), f"{path}: round2")
+    for k in rounds(recipe):  # esr pipeline's later rounds: their keys replace the rounds' before
+        build(GenerateConfig, {**recipe["data"], **round_settings(recipe, k, "data"), "model": recipe["model"]["name"]},
+              f"{path}: round{k}: data")
+        resolve_sections(recipe, round_settings(recipe, k, "train"), f"{path}: round{k}")
 
 
 def test_unknown_and_renamed_keys_are_errors(tmp_path):
@@ -58,6 +58,12 @@ def test_unknown_and_renamed_keys_are_errors(tmp_path):
     rounds = tmp_path / "rounds.yaml"
     rounds.write_text("round2: {eval: {trials: 3}}\n", encoding="utf-8")
     with pytest.raises(RecipeError, match=r"rounds.yaml: round2.eval: round2 holds the mappings data, train"):
+        load_recipe(rounds)
+    rounds.write_text("round2: {data: {seed: 1}}\nround4: {data: {seed: 3}}\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"rounds.yaml: round4 needs round3 before it"):
+        load_recipe(rounds)
+    rounds.write_text("round2: {data: {seed: 1}}\nround3: {}\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"rounds.yaml: round3 is empty"):
         load_recipe(rounds)
     broken = tmp_path / "broken.yaml"
     broken.write_text("train:\n  r: [1,\n", encoding="utf-8")
