@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 SECTIONS = ("model", "data", "train", "eval", "round2")
-ROUND2_SECTIONS = ("data", "train")
+ROUND_PARTS = ("data", "train")
 """``round2`` (``esr pipeline`` only) holds data/train keys for an on-policy second round;
 ``round3``, ``round4``, ... hold the same for further rounds, each written by the adapter of
 the round before (:func:`rounds`)."""
@@ -112,8 +112,8 @@ def load_recipe(path: str | Path) -> dict[str, dict]:
         if not data.get(name) and len(round_names) > 1:
             raise RecipeError(f"{path}: {name} is empty; a round names the keys it changes (at least data.seed)")
         for key, body in (data.get(name) or {}).items():
-            if key not in ROUND2_SECTIONS or (body is not None and not isinstance(body, dict)):
-                raise RecipeError(f"{path}: {name}.{key}: {name} holds the mappings {', '.join(ROUND2_SECTIONS)}")
+            if key not in ROUND_PARTS or (body is not None and not isinstance(body, dict)):
+                raise RecipeError(f"{path}: {name}.{key}: {name} holds the mappings {', '.join(ROUND_PARTS)}")
     return {name: dict(data.get(name) or {}) for name in (*SECTIONS, *round_names)}
 
 
