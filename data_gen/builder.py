@@ -254,15 +254,27 @@ def _probe_restarts(cfg: GenerateConfig, backend_impl, prompts: list[str], stage
 
 
 def _run_self(plans, counts, rejected, backend_impl, stage_s: Counter) -> dict[str, list[Transcript]]:
+    """Each stage runs once over every split (one decode stream for all answers, one for all
+    distractions, so no split's short tail runs as a batch of its own); rows are then
+    assembled split by split, in the plan's order, exactly as the plan asks."""
     fcfg = FilterConfig()
+    prompts = sorted({j["prompt"] for sc_jobs, normal_jobs in plans.values() for j in sc_jobs + normal_jobs})
+    with _timed(stage_s, "answers"):
+        answers = backend_impl.answer(prompts)
+    with _timed(stage_s, "filters"):
+        bad_answer = dict(zip(prompts, answer_problems(prompts, [answers[p] for p in prompts], [""] * len(prompts),
+                                                       fcfg)))
+    usable = {split: [j for j in sc_jobs if not bad_answer[j["prompt"]]] for split, (sc_jobs, _) in plans.items()}
+    jobs = [j for split_jobs in usable.values() for j in split_jobs]
+    with _timed(stage_s, "directions"):  # built and held here; the distraction stage reuses them
+        backend_impl.directions([j["subject"] for j in jobs])
+    with _timed(stage_s, "distractions"):
+        texts = backend_impl.distract(jobs)
+    with _timed(stage_s, "filters"):
+        problems = dict(zip((j["id"] for j in jobs), distraction_problems(
+            [j["prompt"] for j in jobs], [texts[j["id"]] for j in jobs], [j["subject_row"] for j in jobs], fcfg)))
     rows: dict[str, list[Transcript]] = {}
     for split, (sc_jobs, normal_jobs) in plans.items():
-        prompts = sorted({j["prompt"] for j in sc_jobs + normal_jobs})
-        with _timed(stage_s, "answers"):
-            answers = backend_impl.answer(prompts)
-        with _timed(stage_s, "filters"):
-            bad_answer = dict(zip(prompts, answer_problems(prompts, [answers[p] for p in prompts], [""] * len(prompts),
-                                                           fcfg)))
         kept: list[Transcript] = []
         for job in normal_jobs:
             if bad_answer[job["prompt"]]:
@@ -270,24 +282,16 @@ def _run_self(plans, counts, rejected, backend_impl, stage_s: Counter) -> dict[s
                 continue
             kept.append(Transcript(job["prompt"], answers[job["prompt"]], "normal", backend="self",
                                    model=backend_impl.label, seed=job["seed"]))
-        usable = [j for j in sc_jobs if not bad_answer[j["prompt"]]]
-        rejected["answer_for_self_correction"] += len(sc_jobs) - len(usable)
-        with _timed(stage_s, "directions"):  # built and held here; the distraction stage reuses them
-            backend_impl.directions([j["subject"] for j in usable])
-        with _timed(stage_s, "distractions"):
-            texts = backend_impl.distract(usable)
-        with _timed(stage_s, "filters"):
-            problems = distraction_problems([j["prompt"] for j in usable], [texts[j["id"]] for j in usable],
-                                            [j["subject_row"] for j in usable], fcfg)
+        rejected["answer_for_self_correction"] += len(sc_jobs) - len(usable[split])
         n_sc = 0
-        for job, problem in zip(usable, problems):
+        for job in usable[split]:
             if n_sc >= counts[split]["self_correction"]:
                 break
             if not texts[job["id"]]:
                 rejected["no_complete_sentence"] += 1
                 continue
-            if problem:
-                rejected[problem] += 1
+            if problems[job["id"]]:
+                rejected[problems[job["id"]]] += 1
                 continue
             kept.append(Transcript(job["prompt"], answers[job["prompt"]], "self_correction", texts[job["id"]],
                                    job["restart"], job["subject"], "self", backend_impl.label, job["seed"]))

@@ -11,7 +11,7 @@ fixed batches instead (the reference the decode loop is tested against).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -73,15 +73,19 @@ def generate(
 
     if engine not in ("decode", "hf"):
         raise ValueError(f"unknown generate engine {engine!r}; valid: decode, hf")
+    if engine == "decode":
+        outputs = [""] * len(prompts)
+        for i, text in iter_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                                     batch_size=batch_size, seed=seed, system=system, rendered=rendered,
+                                     progress=progress, row_steering=row_steering, strength=strength,
+                                     schedule=schedule, refill=refill):
+            outputs[i] = text
+        return outputs
     if row_steering is not None and len(row_steering) != len(prompts):
         raise ValueError(f"row_steering has {len(row_steering)} entries for {len(prompts)} prompts")
     strengths = [float(strength)] * len(prompts) if isinstance(strength, (int, float)) else list(strength)
     texts = list(prompts) if rendered else [render_prompt(tokenizer, p, system) for p in prompts]
-    if engine == "decode":
-        return _generate_decode(model, tokenizer, texts, row_steering, strengths, schedule=schedule,
-                                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                top_p=top_p, repetition_penalty=repetition_penalty, batch_size=batch_size,
-                                seed=seed, progress=progress, refill=refill)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     outputs: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
@@ -113,19 +117,45 @@ def _label(progress: "bool | str") -> str:
     return progress if isinstance(progress, str) else "generate"
 
 
-def _generate_decode(model, tokenizer, texts: list[str], row_steering, strengths: list[float], *, schedule: str,
-                     max_new_tokens: int, do_sample: bool, temperature: float, top_p: float | None,
-                     repetition_penalty: float, batch_size: int, seed: int | None, progress: bool,
-                     refill: bool = True) -> list[str]:
-    """``generate`` on the decode loop. Prompts enter longest first (in tokens), so a row
-    that takes a freed slot never widens the batch; sampling settings the model's own
-    generation_config adds (top_k, a default top_p) apply as they do in ``model.generate``;
-    ``seed`` seeds one generator for the whole run instead of the global RNG per batch."""
+def iter_generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 0.6,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    batch_size: int = 16,
+    seed: int | None = None,
+    system: str | None = None,
+    rendered: bool = False,
+    progress: "bool | str" = False,
+    row_steering: "Sequence | None" = None,
+    strength: "float | Sequence[float]" = 0.0,
+    schedule: str = "all",
+    refill: bool = True,
+) -> Iterator[tuple[int, str]]:
+    """``generate`` on the decode loop, one answer at a time: yields ``(index into
+    prompts, text)`` as each row finishes, so a caller can store every answer the moment
+    it exists (a killed run loses only the rows still in the batch) while all prompts share
+    one refilling batch (a batch that drains to empty before the next chunk starts runs
+    its last steps with a few rows). Arguments as :func:`generate`.
+
+    Prompts enter longest first (in tokens), so a row that takes a freed slot never
+    widens the batch; sampling settings the model's own generation_config adds (top_k, a
+    default top_p) apply as they do in ``model.generate``; ``seed`` seeds one generator
+    for the whole run instead of the global RNG per batch."""
     from contextlib import nullcontext
 
     from esr_train.decoding import Sampling, stream_decode
     from esr_train.steering import steer_rows
 
+    if row_steering is not None and len(row_steering) != len(prompts):
+        raise ValueError(f"row_steering has {len(row_steering)} entries for {len(prompts)} prompts")
+    strengths = [float(strength)] * len(prompts) if isinstance(strength, (int, float)) else list(strength)
+    texts = list(prompts) if rendered else [render_prompt(tokenizer, p, system) for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     config = getattr(model, "generation_config", None)
@@ -135,14 +165,19 @@ def _generate_decode(model, tokenizer, texts: list[str], row_steering, strengths
                         top_k=getattr(config, "top_k", None) if do_sample else None)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None and do_sample else None
-    outputs: list[str] = [""] * len(texts)
     ctx = nullcontext() if row_steering is None else steer_rows(
         model, [row_steering[i] for i in order], [strengths[i] for i in order], schedule=schedule)
+    # The steering hooks stay on the model until the iterator ends or is closed; inference
+    # mode is entered only while the loop runs, never while the caller holds a yielded answer.
     with ctx as selection, tqdm(total=len(texts), desc=_label(progress), disable=not progress, unit="prompt") as bar:
-        for k, tokens in stream_decode(model, [ids[i] for i in order], max_new_tokens=max_new_tokens,
-                                       sampling=sampling, batch_size=batch_size,
-                                       pad_token_id=tokenizer.pad_token_id, generator=generator,
-                                       steering=selection, refill=refill):
-            outputs[order[k]] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        rows = stream_decode(model, [ids[i] for i in order], max_new_tokens=max_new_tokens, sampling=sampling,
+                             batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, generator=generator,
+                             steering=selection, refill=refill)
+        while True:
+            with torch.inference_mode():
+                finished = next(rows, None)
+            if finished is None:
+                return
+            k, tokens = finished
             bar.update(1)
-    return outputs
+            yield order[k], tokenizer.decode(tokens, skip_special_tokens=True).strip()

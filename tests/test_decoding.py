@@ -11,7 +11,7 @@ import torch
 
 from esr_train.decoding import Sampling, decode
 from esr_train.directions import SteeringDirection
-from esr_train.generation import generate
+from esr_train.generation import generate, iter_generate
 from esr_train.layers import decoder_layers, decoder_module
 from esr_train.steering import steer_rows
 
@@ -217,6 +217,29 @@ def test_generate_default_engine_equals_hf_engine(tiny_model):
     assert generate(tiny_model, tok, TEXTS, **sampled) == generate(tiny_model, tok, TEXTS, **sampled)
     with pytest.raises(ValueError, match="engine"):
         generate(tiny_model, tok, TEXTS, engine="vllm", **kw)
+
+
+def test_iter_generate_streams_each_answer_once_and_cleans_up_when_stopped_early(tiny_model):
+    """iter_generate (what the on-policy backend stores row by row) yields every prompt
+    once with generate()'s text; the caller's code between yields runs outside inference
+    mode; a caller that stops early leaves no steering hook on the model."""
+    tok = CharTokenizer()
+    rows = [direction(tiny_model, 1), None, direction(tiny_model, 2), None, direction(tiny_model, 3), None]
+    kw = dict(rendered=True, max_new_tokens=N, batch_size=2, row_steering=rows, strength=1.0)
+    expected = generate(tiny_model, tok, TEXTS, **kw)
+    seen = {}
+    for i, text in iter_generate(tiny_model, tok, TEXTS, **kw):
+        assert not torch.is_inference_mode_enabled()
+        assert i not in seen
+        seen[i] = text
+    assert [seen[i] for i in range(len(TEXTS))] == expected
+    hooks = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tiny_model.modules())  # noqa: E731
+    before = hooks()
+    stream = iter_generate(tiny_model, tok, TEXTS, **kw)
+    next(stream)
+    assert hooks() > before  # steered while the stream is open
+    stream.close()
+    assert hooks() == before
 
 
 def test_sample_rows_draws_the_given_distribution_and_never_a_zeroed_token():

@@ -10,8 +10,9 @@ Given a PEFT model (``esr generate --adapter``), the adapter writes both: its ow
 drifts, the failures it still makes, become the next round's lesson. Concept directions
 are always built on the base weights (adapters off), the same vectors as the first round.
 
-Every generated text is stored in a JSONL cache as soon as its batch finishes, so a
-killed run resumes where it stopped.
+Each stage sends all its pending prompts through one refilling decode loop
+(``iter_generate``), and every generated text is stored in a JSONL cache the moment its
+row finishes, so a killed run loses only the rows that were still in the batch.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-
-from tqdm.auto import tqdm
 
 from data_gen.text import complete_part, first_sentences
 from esr_train.records import JsonlStore
@@ -69,7 +68,7 @@ class SelfBackend:
     def answer(self, prompts: Sequence[str]) -> dict[str, str]:
         """The model's unsteered answer to each prompt (greedy, or sampled at
         ``answer_temperature``), cut to complete sentences."""
-        from esr_train.generation import generate
+        from esr_train.generation import iter_generate
 
         temperature = self.cfg.answer_temperature
         sampled = () if temperature is None else (temperature,)  # greedy keys stay as they were
@@ -78,14 +77,11 @@ class SelfBackend:
             return _key(self.label, p, self.cfg.answer_tokens, self.cfg.answer_repetition_penalty, *sampled)
 
         todo = [p for p in dict.fromkeys(prompts) if key(p) not in self.answers]
-        bs = self.cfg.batch_size
-        for i in tqdm(range(0, len(todo), bs), desc="answers", unit="batch", disable=not todo):
-            chunk = todo[i:i + bs]
-            outs = generate(self.model, self.tok, chunk, max_new_tokens=self.cfg.answer_tokens,
-                            repetition_penalty=self.cfg.answer_repetition_penalty, batch_size=bs,
-                            do_sample=temperature is not None, temperature=temperature or 1.0, seed=i)
-            for p, out in zip(chunk, outs):
-                self.answers.put(key(p), complete_part(out))
+        for i, out in iter_generate(self.model, self.tok, todo, max_new_tokens=self.cfg.answer_tokens,
+                                    repetition_penalty=self.cfg.answer_repetition_penalty,
+                                    batch_size=self.cfg.batch_size, do_sample=temperature is not None,
+                                    temperature=temperature or 1.0, seed=0, progress="answers" if todo else False):
+            self.answers.put(key(todo[i]), complete_part(out))
         return {p: self.answers[key(p)] for p in prompts}
 
     def probe(self, prompts: Sequence[str], samples: int) -> dict[str, list[str]]:
@@ -93,7 +89,7 @@ class SelfBackend:
         trials draw them (``probe_temperature``, ``distraction_tokens`` long, the
         distractions' repetition penalty): where the writer restarts when nothing pushed it
         (``data_gen.false_restarts``)."""
-        from esr_train.generation import generate
+        from esr_train.generation import iter_generate
 
         cfg = self.cfg
 
@@ -103,14 +99,11 @@ class SelfBackend:
 
         jobs = [(p, s) for p in dict.fromkeys(prompts) for s in range(samples)]
         todo = [j for j in jobs if key(j) not in self.probes]
-        bs = cfg.batch_size
-        for i in tqdm(range(0, len(todo), bs), desc="restart probes", unit="batch", disable=not todo):
-            chunk = todo[i:i + bs]
-            outs = generate(self.model, self.tok, [p for p, _ in chunk], do_sample=True,
-                            temperature=cfg.probe_temperature, max_new_tokens=cfg.distraction_tokens,
-                            repetition_penalty=cfg.repetition_penalty, batch_size=bs, seed=i)
-            for job, out in zip(chunk, outs):
-                self.probes.put(key(job), out)
+        for i, out in iter_generate(self.model, self.tok, [p for p, _ in todo], do_sample=True,
+                                    temperature=cfg.probe_temperature, max_new_tokens=cfg.distraction_tokens,
+                                    repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size,
+                                    seed=len(jobs) - len(todo), progress="restart probes" if todo else False):
+            self.probes.put(key(todo[i]), out)
         return {p: [self.probes[key((p, s))] for s in range(samples)] for p in dict.fromkeys(prompts)}
 
     def directions(self, subjects: Sequence[str]) -> dict:
@@ -132,23 +125,21 @@ class SelfBackend:
         """Steered openings for jobs {"id", "prompt", "subject", "sentences", "seed"};
         returns job id -> distraction cut to the job's number of sentences ('' if the
         text had no complete sentence)."""
-        from esr_train.generation import generate
+        from esr_train.generation import iter_generate
+
         cfg = self.cfg
+
         def key(job):
             return _key(self.label, job["prompt"], job["subject"], job["seed"], self.layer, cfg.strength,
                         cfg.schedule, cfg.distraction_tokens, cfg.temperature)
+
         todo = [j for j in jobs if key(j) not in self.distractions]
         directions = self.directions([j["subject"] for j in todo])
-        bar = tqdm(total=len(todo), desc="distractions", unit="row", disable=not todo)
-        for i in range(0, len(todo), cfg.batch_size):
-            chunk = todo[i:i + cfg.batch_size]
-            outs = generate(self.model, self.tok, [j["prompt"] for j in chunk], do_sample=True,
-                            temperature=cfg.temperature, max_new_tokens=cfg.distraction_tokens,
-                            repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size,
-                            seed=chunk[0]["seed"], row_steering=[directions[j["subject"]] for j in chunk],
-                            strength=cfg.strength, schedule=cfg.schedule)
-            for job, out in zip(chunk, outs):
-                self.distractions.put(key(job), out)
-            bar.update(len(chunk))
-        bar.close()
+        for i, out in iter_generate(self.model, self.tok, [j["prompt"] for j in todo], do_sample=True,
+                                    temperature=cfg.temperature, max_new_tokens=cfg.distraction_tokens,
+                                    repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size,
+                                    seed=todo[0]["seed"] if todo else None,
+                                    row_steering=[directions[j["subject"]] for j in todo], strength=cfg.strength,
+                                    schedule=cfg.schedule, progress="distractions" if todo else False):
+            self.distractions.put(key(todo[i]), out)
         return {j["id"]: first_sentences(self.distractions[key(j)], j["sentences"]) for j in jobs}
