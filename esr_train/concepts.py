@@ -66,25 +66,39 @@ _NORM_CACHE: dict[tuple, float] = {}
 _NEUTRAL_CACHE: dict[tuple, torch.Tensor] = {}
 
 
+class _LayerReached(Exception):
+    """Raised by :func:`capture_residuals`' hook once the layer it reads has run."""
+
+
 @torch.inference_mode()
 def capture_residuals(model, tokenizer, texts: Sequence[str], layer: int, starts: Sequence[int] | None = None,
                       batch_size: int = 8) -> list[torch.Tensor]:
     """Layer-``layer`` residual outputs for each already-rendered text, as [n_i, d]
     float32 tensors over the token positions from ``starts[i]`` on (default 1: skip the
-    first token). Right padding, so real tokens keep positions 0..n-1."""
+    first token). Right padding, so real tokens keep positions 0..n-1.
+
+    The forward pass stops once ``layer`` has run: nothing after it can change its output,
+    and the later layers plus the LM head over every position (49k words for SmolLM2, 262k
+    for Gemma 3) were most of the cost of building a concept direction."""
     layer = resolve_layer(model, layer)
     device = next(model.parameters()).device
     captured: list[torch.Tensor] = []
-    handle = decoder_layers(model)[layer].register_forward_hook(
-        lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out).detach().float().cpu())
-    )
+
+    def read_and_stop(module, args, out):
+        captured.append((out[0] if isinstance(out, tuple) else out).detach().float().cpu())
+        raise _LayerReached
+
+    handle = decoder_layers(model)[layer].register_forward_hook(read_and_stop)
     results: list[torch.Tensor] = []
     try:
         for i in range(0, len(texts), batch_size):
             chunk = list(texts[i:i + batch_size])
             enc = encode(tokenizer, chunk, "right", device)
             captured.clear()
-            model(**enc, use_cache=False)
+            try:
+                model(**enc, use_cache=False)
+            except _LayerReached:
+                pass
             hidden = captured[0]
             lengths = enc["attention_mask"].sum(dim=1).tolist()
             for row, n in enumerate(lengths):

@@ -313,3 +313,28 @@ def test_weights_fingerprint_sees_an_active_adapter_but_not_a_disabled_one():
     with wrapped.disable_adapter():
         assert weights_fingerprint(wrapped) == plain
     assert weights_fingerprint(wrapped) != plain
+
+
+def test_capture_residuals_reads_the_layer_and_stops_there(tiny_model):
+    """capture_residuals gives the layer's output (hidden_states[layer + 1]) for each real
+    token of a right-padded batch, and no layer after it (nor the head) runs."""
+    from esr_train.concepts import capture_residuals
+    from tests.test_decoding import CharTokenizer
+
+    tok = CharTokenizer()
+    texts = ["hello there", "a longer prompt here", "xyz"]
+    layer = 1
+    later = []
+    hooks = [m.register_forward_hook(lambda *a: later.append(1))
+             for m in [*decoder_layers(tiny_model)[layer + 1:], tiny_model.get_output_embeddings()]]
+    try:
+        got = capture_residuals(tiny_model, tok, texts, layer, batch_size=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not later
+    for text, acts in zip(texts, got):
+        ids = torch.tensor(tok([text])["input_ids"])
+        with torch.no_grad():
+            want = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0, 1:]
+        assert acts.shape == want.shape and torch.allclose(acts, want.float(), atol=1e-5)
