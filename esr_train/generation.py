@@ -82,10 +82,7 @@ def generate(
                                      schedule=schedule, refill=refill):
             outputs[i] = text
         return outputs
-    if row_steering is not None and len(row_steering) != len(prompts):
-        raise ValueError(f"row_steering has {len(row_steering)} entries for {len(prompts)} prompts")
-    strengths = [float(strength)] * len(prompts) if isinstance(strength, (int, float)) else list(strength)
-    texts = list(prompts) if rendered else [render_prompt(tokenizer, p, system) for p in prompts]
+    texts, strengths = _chat_texts(tokenizer, prompts, system, rendered, row_steering, strength)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     outputs: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
@@ -110,6 +107,16 @@ def generate(
         for row, i in enumerate(idx):
             outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
     return outputs
+
+
+def _chat_texts(tokenizer, prompts, system, rendered, row_steering, strength) -> tuple[list[str], list[float]]:
+    """The texts the model reads (chat-rendered unless ``rendered``) and one strength per
+    prompt; a ``row_steering`` of the wrong length is an error before anything runs."""
+    if row_steering is not None and len(row_steering) != len(prompts):
+        raise ValueError(f"row_steering has {len(row_steering)} entries for {len(prompts)} prompts")
+    strengths = [float(strength)] * len(prompts) if isinstance(strength, (int, float)) else list(strength)
+    texts = list(prompts) if rendered else [render_prompt(tokenizer, p, system) for p in prompts]
+    return texts, strengths
 
 
 def _label(progress: "bool | str") -> str:
@@ -152,10 +159,7 @@ def iter_generate(
     from esr_train.decoding import Sampling, stream_decode
     from esr_train.steering import steer_rows
 
-    if row_steering is not None and len(row_steering) != len(prompts):
-        raise ValueError(f"row_steering has {len(row_steering)} entries for {len(prompts)} prompts")
-    strengths = [float(strength)] * len(prompts) if isinstance(strength, (int, float)) else list(strength)
-    texts = list(prompts) if rendered else [render_prompt(tokenizer, p, system) for p in prompts]
+    texts, strengths = _chat_texts(tokenizer, prompts, system, rendered, row_steering, strength)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     config = getattr(model, "generation_config", None)
