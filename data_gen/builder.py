@@ -69,6 +69,10 @@ class GenerateConfig:
     adapter: str | None = field(default=None, metadata={
         "help": "self backend: a LoRA adapter (esr train's output) that writes the distractions and answers: an "
                 "on-policy second round, the drifts the adapter still makes as its next lesson"})
+    answer_model: str | None = field(default=None, metadata={
+        "help": "self backend: a model (zoo name, hub id or local dir) that writes the answers while the writer "
+                "still writes its own steered drifts: for a writer whose own answers are poor (Gemma 3 270M is a base "
+                "model that mostly continues a list of questions)"})
     restart_probes: int = field(default=0, metadata={
         "help": "self backend: unsteered answers sampled per training prompt to find where the writer restarts "
                 "unpushed; those restarts go to false_restarts.jsonl as negatives for train.unlikelihood_weight"})
@@ -91,6 +95,8 @@ class GenerateConfig:
         if self.restart_probes < 0 or (self.restart_probes and self.backend != "self"):
             raise GenerateError(f"restart_probes must be >= 0 and needs the self backend, got {self.restart_probes} "
                                 f"with {self.backend!r}")
+        if self.answer_model is not None and self.backend != "self":
+            raise GenerateError(f"answer_model is for the self backend, not {self.backend!r}")
         if self.adapter is not None:
             if self.backend != "self":
                 raise GenerateError(f"adapter is for the self backend, not {self.backend!r}")
@@ -103,7 +109,7 @@ class GenerateConfig:
         return {k: v for k, v in asdict(self).items() if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
 
 
-_LATER_DEFAULTS = {"restart_probes": 0}
+_LATER_DEFAULTS = {"restart_probes": 0, "answer_model": None}
 
 
 def config_fields() -> list:
@@ -230,11 +236,16 @@ def _self_backend(cfg: GenerateConfig, out: Path, backend_impl, stage_s: Counter
         return backend_impl
     with _timed(stage_s, "load_model"):
         model, tok, label = _self_model(cfg)
+        answerer = None
+        if cfg.answer_model is not None:
+            from esr_train.zoo import load_model
+
+            answerer = (*load_model(cfg.answer_model, dtype=cfg.dtype), cfg.answer_model)
     return SelfBackend(model, tok, label, SelfConfig(
         layer=cfg.layer, strength=cfg.strength, schedule=cfg.schedule, distraction_tokens=cfg.distraction_tokens,
         answer_tokens=cfg.answer_tokens, answer_repetition_penalty=cfg.answer_repetition_penalty,
         answer_temperature=cfg.answer_temperature, temperature=cfg.temperature, batch_size=cfg.batch_size),
-        out / ".work")
+        out / ".work", answerer=answerer)
 
 
 def _probe_restarts(cfg: GenerateConfig, backend_impl, prompts: list[str], stage_s: Counter) -> dict:

@@ -196,3 +196,39 @@ def test_self_backend_samples_answers_at_answer_temperature(smollm, tmp_path):
     again = SelfBackend(model, tok, "smollm2-135m", SelfConfig(answer_tokens=24, batch_size=4), tmp_path / "w")
     assert len(again.answers) == 2 * len(prompts)  # one store, separate keys
     assert again.answer(prompts) == first and sampled.answer(prompts) == drawn
+
+
+@pytest.mark.slow
+def test_answer_model_writes_the_answers_and_the_writer_keeps_the_drifts(smollm, tmp_path):
+    """With an answerer (``--answer_model``) the answers are the answerer's own generations,
+    cached under its label, while the steered distractions still come from the writer; the
+    option is refused outside the self backend."""
+    import torch
+
+    from data_gen.backends.self_backend import SelfBackend, SelfConfig
+    from esr_train.directions import SteeringDirection
+    from esr_train.generation import generate
+    from tests.conftest import tiny_llama
+
+    answerer, tok = smollm
+    writer = tiny_llama(vocab_size=len(tok))  # random weights: never ends a sentence
+    cfg = SelfConfig(layer=2, answer_tokens=40, distraction_tokens=8, batch_size=2)
+    prompts = ["How do you boil an egg?", "Explain how to tie a knot.", "How do you fold a shirt?"]
+    backend = SelfBackend(writer, tok, "writer", cfg, tmp_path / "w", answerer=(answerer, tok, "answerer"))
+    got = backend.answer(prompts)
+    theirs = generate(answerer, tok, prompts, max_new_tokens=40, repetition_penalty=cfg.answer_repetition_penalty)
+    assert [got[p] for p in prompts] == [complete_part(t) for t in theirs] and all(got.values())
+    assert not any(SelfBackend(writer, tok, "writer", cfg, tmp_path / "own").answer(prompts).values())
+    # cached under the answerer's label: a backend whose writer is the answerer reuses them
+    again = SelfBackend(answerer, tok, "answerer", cfg, tmp_path / "w")
+    assert len(again.answers) == len(prompts) and again.answer(prompts) == got
+    # the drifts are the writer's: the same job through a writer-only backend gives the same text
+    d = SteeringDirection(torch.randn(writer.config.hidden_size), layer=2, label="x", reference_norm=1.0)
+    alone = SelfBackend(writer, tok, "writer", cfg, tmp_path / "alone")
+    backend._directions["x"] = alone._directions["x"] = d
+    job = [{"id": "0", "prompt": prompts[0], "subject": "x", "sentences": 5, "seed": 3}]
+    backend.distract(job)
+    alone.distract(job)
+    assert list(dict(backend.distractions.items()).values()) == list(dict(alone.distractions.items()).values())
+    with pytest.raises(GenerateError, match="answer_model is for the self backend"):
+        GenerateConfig(backend="template", template_file="x.jsonl", answer_model="smollm2-135m")

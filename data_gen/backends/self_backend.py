@@ -54,10 +54,14 @@ def _key(*parts) -> str:
 class SelfBackend:
     """Holds the model and the caches for one generation run."""
 
-    def __init__(self, model, tokenizer, model_label: str, cfg: SelfConfig, work_dir: Path) -> None:
+    def __init__(self, model, tokenizer, model_label: str, cfg: SelfConfig, work_dir: Path,
+                 answerer: tuple | None = None) -> None:
+        """``answerer`` = (model, tokenizer, label) writes the answers instead of the writer
+        (``esr generate --answer_model``); the drifts and restart probes stay the writer's."""
         from esr_train.zoo import steer_layer
 
         self.model, self.tok, self.label, self.cfg = model, tokenizer, model_label, cfg
+        self.answerer = answerer or (model, tokenizer, model_label)
         self.layer = steer_layer(model_label, model, cfg.layer)
         self.work = Path(work_dir)
         self.answers = JsonlStore(self.work / "answers.jsonl")
@@ -66,18 +70,20 @@ class SelfBackend:
         self._directions: dict = {}  # subject -> direction, loaded or built once per run
 
     def answer(self, prompts: Sequence[str]) -> dict[str, str]:
-        """The model's unsteered answer to each prompt (greedy, or sampled at
-        ``answer_temperature``), cut to complete sentences."""
+        """The answerer's (by default the writer's own) unsteered answer to each prompt
+        (greedy, or sampled at ``answer_temperature``), cut to complete sentences; cached
+        under the answerer's label."""
         from esr_train.generation import iter_generate
 
+        model, tok, label = self.answerer
         temperature = self.cfg.answer_temperature
         sampled = () if temperature is None else (temperature,)  # greedy keys stay as they were
 
         def key(p):
-            return _key(self.label, p, self.cfg.answer_tokens, self.cfg.answer_repetition_penalty, *sampled)
+            return _key(label, p, self.cfg.answer_tokens, self.cfg.answer_repetition_penalty, *sampled)
 
         todo = [p for p in dict.fromkeys(prompts) if key(p) not in self.answers]
-        for i, out in iter_generate(self.model, self.tok, todo, max_new_tokens=self.cfg.answer_tokens,
+        for i, out in iter_generate(model, tok, todo, max_new_tokens=self.cfg.answer_tokens,
                                     repetition_penalty=self.cfg.answer_repetition_penalty,
                                     batch_size=self.cfg.batch_size, do_sample=temperature is not None,
                                     temperature=temperature or 1.0, seed=0, progress="answers" if todo else False):
