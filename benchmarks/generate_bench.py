@@ -3,7 +3,7 @@ measured in the same run: the same kind of work (one steered distraction and one
 per transcript) done one prompt at a time with plain HF ``generate`` (``engine="hf"``).
 Rows: ``generate_rows_per_min`` (baseline: the naive rate) and ``generate_total_s``.
 
-    python -m benchmarks.generate_bench [--n 300] [--json out.json]
+    python -m benchmarks.generate_bench [--n 300] [--out DIR] [--json out.json]
 
 The naive baseline is timed on a sample of transcripts and scaled, so the comparison
 costs minutes, not an hour.
@@ -50,6 +50,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="rows per step (recipes/smollm2-135m.yaml's)")
     parser.add_argument("--naive", type=int, default=4, help="transcripts timed one prompt at a time (a rate)")
     parser.add_argument("--answer-tokens", type=int, default=None, help="answer length (default: esr generate's)")
+    parser.add_argument("--out", help="keep the dataset here to read its rows (default: a temporary dir, removed)")
     parser.add_argument("--json", help="write the rows here")
     return parser.parse_args(argv)
 
@@ -62,10 +63,12 @@ def measure(argv=None) -> list[dict]:
     from data_gen.builder import GenerateConfig, build_dataset
     from esr_train.zoo import load_model
 
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise SystemExit(f"--out {args.out}: not empty (a resumed dataset would not time generation)")
     cfg = GenerateConfig(n=args.n, mix=0.5, test_size=0.1, layer=15, seed=0, batch_size=args.batch_size,
                          **({"answer_tokens": args.answer_tokens} if args.answer_tokens else {}))
     model, tok = load_model(cfg.model, dtype=cfg.dtype)
-    work = Path(tempfile.mkdtemp(prefix="esr-bench-"))
+    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="esr-bench-"))
     try:
         backend = SelfBackend(model, tok, cfg.model, SelfConfig(
             layer=cfg.layer, strength=cfg.strength, schedule=cfg.schedule, distraction_tokens=cfg.distraction_tokens,
@@ -75,7 +78,8 @@ def measure(argv=None) -> list[dict]:
         summary = build_dataset(cfg, work, backend_impl=backend)
         ours = time.perf_counter() - t0
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.out:
+            shutil.rmtree(work, ignore_errors=True)
     naive = naive_seconds_per_transcript(model, tok, cfg, samples=args.naive)
     per_min = summary["total"] / ours * 60
     naive_per_min = 60 / naive
