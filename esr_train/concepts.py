@@ -23,7 +23,8 @@ import torch
 
 from esr_train.cache import cache_dir
 from esr_train.directions import SteeringDirection
-from esr_train.generation import encode, generate, render_prompt
+from esr_train.decode_residuals import write_and_read
+from esr_train.generation import encode, render_prompt
 from esr_train.layers import decoder_layers, resolve_layer
 from esr_train.zoo import model_name
 
@@ -58,7 +59,7 @@ CONCEPT_PROMPTS = [
     "Describe {concept} in detail.",
 ]
 
-DIRECTION_RECIPE = 1
+DIRECTION_RECIPE = 2
 """Bump when the way a self-written concept direction is built changes: it is part of the
 key of the cross-run direction cache, so old entries stop matching."""
 
@@ -143,12 +144,23 @@ def answer_residual_mean(model, tokenizer, prompts: Sequence[str], answers: Sequ
 
 def neutral_mean(model, tokenizer, layer: int, max_new_tokens: int = 80) -> torch.Tensor:
     """Mean residual over the model's own answers to everyday tasks (cached per model/layer)."""
-    layer = resolve_layer(model, layer)
-    key = (model_name(model), layer, max_new_tokens, str(next(model.parameters()).dtype))
+    key = _neutral_key(model, layer, max_new_tokens)
     if key not in _NEUTRAL_CACHE:
-        answers = generate(model, tokenizer, NEUTRAL_PROMPTS, max_new_tokens=max_new_tokens, repetition_penalty=1.1)
-        _NEUTRAL_CACHE[key] = answer_residual_mean(model, tokenizer, NEUTRAL_PROMPTS, answers, layer)
+        _, total, count = write_and_read(model, tokenizer, NEUTRAL_PROMPTS, layer, max_new_tokens=max_new_tokens,
+                                         repetition_penalty=1.1)
+        _NEUTRAL_CACHE[key] = _pooled_mean(total, count, "neutral answers")
     return _NEUTRAL_CACHE[key]
+
+
+def _neutral_key(model, layer: int, max_new_tokens: int) -> tuple:
+    return (model_name(model), resolve_layer(model, layer), max_new_tokens, str(next(model.parameters()).dtype))
+
+
+def _pooled_mean(total: torch.Tensor, count: torch.Tensor, what: str) -> torch.Tensor:
+    """The mean over every token of several answers, from per-answer sums and counts."""
+    if float(count.sum()) == 0:
+        raise ValueError(f"no answer tokens to average: every one of the {what} was empty")
+    return total.sum(dim=0) / count.sum()
 
 
 def concept_direction(
@@ -184,28 +196,32 @@ def concept_directions(
     layer = resolve_layer(model, layer)
     given = concept_texts or {}
     asks = [(c, p.format(concept=c)) for c in concepts if c not in given for p in CONCEPT_PROMPTS]
-    written = generate(model, tokenizer, [a for _, a in asks], max_new_tokens=max_new_tokens,
-                       repetition_penalty=1.1, batch_size=batch_size,
-                       progress="concept texts" if len(asks) > batch_size else False) if asks else []
-    per_concept: dict[str, tuple[list[str], list[str], str]] = {}
-    for (c, ask), text in zip(asks, written):
-        per_concept.setdefault(c, ([], [], "self"))
-        per_concept[c][0].append(ask)
-        per_concept[c][1].append(text)
+    # the neutral answers, when not yet known, share the concept texts' batches (alone they
+    # would run eight rows at a time)
+    neutral_key = _neutral_key(model, layer, max_new_tokens)
+    neutral = [] if neutral_key in _NEUTRAL_CACHE or not asks else NEUTRAL_PROMPTS
+    _, total, count = write_and_read(model, tokenizer, [a for _, a in asks] + neutral, layer,
+                                     max_new_tokens=max_new_tokens, repetition_penalty=1.1, batch_size=batch_size,
+                                     progress="concept texts" if len(asks) > batch_size else False)
+    if neutral:
+        _NEUTRAL_CACHE[neutral_key] = _pooled_mean(total[len(asks):], count[len(asks):], "neutral answers")
+    toward: dict[str, tuple[torch.Tensor, int, str]] = {}
+    for c in dict.fromkeys(c for c, _ in asks):
+        rows = [i for i, (owner, _) in enumerate(asks) if owner == c]
+        toward[c] = (_pooled_mean(total[rows], count[rows], f"texts about {c!r}"), len(rows), "self")
     for c, texts in given.items():
         texts = list(texts)
         prompts = [CONCEPT_PROMPTS[i % len(CONCEPT_PROMPTS)].format(concept=c) for i in range(len(texts))]
-        per_concept[c] = (prompts, texts, "given")
+        toward[c] = (answer_residual_mean(model, tokenizer, prompts, texts, layer), len(texts), "given")
     away = neutral_mean(model, tokenizer, layer, max_new_tokens)
     norm = reference_norm(model, tokenizer, layer)
     out = []
     for i, c in enumerate(concepts):
-        prompts, texts, source = per_concept[c]
-        toward = answer_residual_mean(model, tokenizer, prompts, texts, layer)
+        mean, n_texts, source = toward[c]
         out.append(SteeringDirection(
-            vector=toward - away, layer=layer, label=(labels[i] if labels else c), source="concept",
+            vector=mean - away, layer=layer, label=(labels[i] if labels else c), source="concept",
             model_id=model_name(model), reference_norm=norm,
-            metadata={"concept": c, "texts": source, "n_texts": len(texts)},
+            metadata={"concept": c, "texts": source, "n_texts": n_texts},
         ))
     return out
 

@@ -65,7 +65,7 @@ class Sampling:
         (left padding per row) keeps pad tokens out of the penalty, as generate does."""
         procs = LogitsProcessorList()
         if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty), prompt_ignore_length=pad))
+            procs.append(RepetitionPenalty(float(self.repetition_penalty), pad))
         if self.do_sample:
             if self.temperature is not None and self.temperature != 1.0:
                 procs.append(TemperatureLogitsWarper(self.temperature))
@@ -74,6 +74,32 @@ class Sampling:
             if self.top_p is not None and self.top_p < 1.0:
                 procs.append(TopPLogitsWarper(self.top_p))
         return procs
+
+
+class RepetitionPenalty(RepetitionPenaltyLogitsProcessor):
+    """transformers' repetition penalty with the left padding ignored, without its copy.
+
+    transformers points ignored positions at an extra vocabulary column, so it pads the
+    whole [rows, vocab] score matrix by one column every step (``F.pad``): on a 2-core CPU
+    that copy took 86 ms of a 700 ms batch-128 SmolLM2 decode step (docs/performance.md
+    P17). Here an ignored position is pointed at the row's last token instead, which is
+    penalised anyway, so the set of penalised tokens and the scores are the same (tested
+    against transformers' processor)."""
+
+    def __init__(self, penalty: float, pad: torch.Tensor) -> None:
+        super().__init__(penalty, prompt_ignore_length=pad)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        pad = self.prompt_ignore_length.to(input_ids.device)
+        if scores.dim() != 2 or input_ids.shape[0] != pad.shape[0] or bool((input_ids[:, -1] >= vocab).any()):
+            return super().__call__(input_ids, scores)  # shapes this shortcut does not cover
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        ignored = (positions[None, :] < pad[:, None]) | (input_ids >= vocab)
+        ids = torch.where(ignored, input_ids[:, -1:], input_ids)
+        score = scores.gather(1, ids)
+        score = torch.where(score < 0, score * self.penalty, score / self.penalty)
+        return scores.scatter(1, ids, score)
 
 
 @dataclass
@@ -99,9 +125,9 @@ class _Model:
     """The model plus what every forward pass needs: the steering selection to update and
     whether the head can skip the prompt's logits (``logits_to_keep``, as generate does)."""
 
-    def __init__(self, model, steering=None) -> None:
+    def __init__(self, model, steering=None, observer=None) -> None:
         self.model = model
-        self.steering = steering
+        self.trackers = [t for t in (steering, observer) if t is not None]
         self.device = next(model.parameters()).device
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT hides the signature
         params = inspect.signature(inner.forward).parameters
@@ -111,8 +137,8 @@ class _Model:
 
     def forward(self, ids, mask, positions, cache, owner, offset) -> torch.Tensor:
         """One pass; returns the float32 logits of the last position of every row."""
-        if self.steering is not None:
-            self.steering.update(owner, offset)
+        for tracker in self.trackers:
+            tracker.update(owner, offset)
         # The last position as an index tensor, not ``logits_to_keep=1``: the int form slices a
         # strided [rows, 1, hidden] view, which torch.matmul cannot fold into one mm when the head's
         # weight needs no grad (a loaded PEFT adapter freezes it); it then broadcasts the whole
@@ -308,6 +334,7 @@ def stream_decode(
     generator: torch.Generator | None = None,
     steering=None,
     refill: bool = True,
+    observer=None,
 ) -> Iterator[tuple[int, list[int]]]:
     """Decode token-id ``prompts`` (no padding) at most ``batch_size`` at a time; yields
     ``(prompt index, new token ids)`` as each row finishes (EOS included when emitted).
@@ -315,7 +342,10 @@ def stream_decode(
     Prompts enter in the given order (longest first keeps the padding small: a joining
     row then never widens the batch). ``refill=False`` only drops finished rows and
     starts the next group when the batch is empty. ``steering`` is the ``RowSelection``
-    from ``steer_rows`` over one row per prompt."""
+    from ``steer_rows`` over one row per prompt. ``observer``, when given, is told the same
+    before every pass (``update(prompt index per row, offset per row)``; the offset of a
+    decode step's token is its index among the generated ones, negative in a prompt pass),
+    so a hook reading layer outputs knows whose token each row holds."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if any(len(p) == 0 for p in prompts):
@@ -324,12 +354,12 @@ def stream_decode(
         yield from ((i, []) for i in range(len(prompts)))
         return
     eos_ids, pad_id = _special_ids(model, eos_token_id, pad_token_id)
-    m = _Model(model, steering)
+    m = _Model(model, steering, observer)
     try:
         yield from _loop(m, prompts, max_new_tokens, sampling, batch_size, eos_ids, pad_id, generator, refill)
     finally:
-        if steering is not None:  # later passes in the same steer_rows block see the plain table again
-            steering.update(None, None)
+        for tracker in m.trackers:  # later passes in the same steer_rows block see the plain table again
+            tracker.update(None, None)
 
 
 DROP_SHARE = 8

@@ -308,3 +308,24 @@ def test_head_runs_one_matmul_when_the_model_is_frozen(tiny_model):
     broadcast = [e.input_shapes for e in prof.events() if e.name == "aten::bmm"
                  and [len(PROMPTS), cfg.hidden_size, cfg.vocab_size] in e.input_shapes]
     assert not broadcast
+
+
+def test_repetition_penalty_equals_transformers_processor():
+    """The copy-free penalty gives transformers' scores exactly: left padding ignored
+    (pad ids that are real vocabulary entries too), repeats, negative and positive scores,
+    and ids beyond the head's vocabulary (an embedding larger than the head)."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from esr_train.decoding import RepetitionPenalty
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 50
+    ids = torch.randint(0, vocab, (6, 12), generator=g)
+    ids[1, 3] = vocab + 4  # an embedding-only id, never penalised
+    pad = torch.tensor([0, 3, 11, 5, 0, 7])
+    ids[torch.arange(12)[None, :] < pad[:, None]] = 7  # pad id 7: penalised only where it is real
+    scores = torch.randn(6, vocab, generator=g) * 3
+    want = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=pad)(ids, scores.clone())
+    got = RepetitionPenalty(1.3, pad)(ids, scores.clone())
+    assert torch.equal(got, want)
+    assert not torch.equal(got, scores)
