@@ -27,14 +27,6 @@ def sentence_ends(text: str) -> list[int]:
     return [m.end() for m in _SENTENCE.finditer(text) if re.search(r"\w", m.group())]
 
 
-def holds_sentences(text: str, n: int) -> bool:
-    """Whether ``text`` already holds ``n`` complete sentences that more text cannot
-    change: the n-th ends before the end of ``text`` (whitespace follows it), so
-    ``first_sentences(text + anything, n)`` is ``first_sentences(text, n)``. A generator
-    can stop a row there."""
-    return sum(1 for end in sentence_ends(text) if end < len(text)) >= n
-
-
 def first_sentences(text: str, n: int) -> str:
     """The first ``n`` complete sentences (fewer if the text has fewer), or ''."""
     return " ".join(sentences(text)[:n])

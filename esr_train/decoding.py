@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -335,7 +335,6 @@ def stream_decode(
     steering=None,
     refill: bool = True,
     observer=None,
-    stop: "Callable[[int, list[int]], bool] | None" = None,
 ) -> Iterator[tuple[int, list[int]]]:
     """Decode token-id ``prompts`` (no padding) at most ``batch_size`` at a time; yields
     ``(prompt index, new token ids)`` as each row finishes (EOS included when emitted).
@@ -346,9 +345,7 @@ def stream_decode(
     from ``steer_rows`` over one row per prompt. ``observer``, when given, is told the same
     before every pass (``update(prompt index per row, offset per row)``; the offset of a
     decode step's token is its index among the generated ones, negative in a prompt pass),
-    so a hook reading layer outputs knows whose token each row holds. ``stop(prompt index,
-    new token ids so far)``, when given, is asked after every step for each unfinished row;
-    True ends the row there, as an EOS would (the caller needs no more of it)."""
+    so a hook reading layer outputs knows whose token each row holds."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if any(len(p) == 0 for p in prompts):
@@ -359,7 +356,7 @@ def stream_decode(
     eos_ids, pad_id = _special_ids(model, eos_token_id, pad_token_id)
     m = _Model(model, steering, observer)
     try:
-        yield from _loop(m, prompts, max_new_tokens, sampling, batch_size, eos_ids, pad_id, generator, refill, stop)
+        yield from _loop(m, prompts, max_new_tokens, sampling, batch_size, eos_ids, pad_id, generator, refill)
     finally:
         for tracker in m.trackers:  # later passes in the same steer_rows block see the plain table again
             tracker.update(None, None)
@@ -372,7 +369,7 @@ a decode step, while a finished row costs 1/batch of one."""
 
 
 def _loop(m: _Model, prompts, max_new_tokens: int, sampling: Sampling, batch_size: int, eos_ids: list[int],
-          pad_id: int, generator, refill: bool, stop=None) -> Iterator[tuple[int, list[int]]]:
+          pad_id: int, generator, refill: bool) -> Iterator[tuple[int, list[int]]]:
     """The loop of ``stream_decode``: admit prompts into free slots, pick a token per row,
     hand back finished rows, drop them once enough have finished (``DROP_SHARE``), feed
     the rest."""
@@ -394,8 +391,6 @@ def _loop(m: _Model, prompts, max_new_tokens: int, sampling: Sampling, batch_siz
         tokens = _choose(rows, sampling, generator)
         rows.steps = rows.steps + 1
         done = (torch.isin(tokens, eos) | (rows.steps >= max_new_tokens)) & ~dead
-        if stop is not None:
-            done |= _asked_to_stop(rows, tokens, ~done & ~dead, stop)
         if bool(done.any()):
             for b in done.nonzero().flatten().tolist():
                 fed = int(rows.steps[b]) - 1
@@ -411,17 +406,6 @@ def _loop(m: _Model, prompts, max_new_tokens: int, sampling: Sampling, batch_siz
                 if resizable:
                     _trim(rows)
         _feed(m, rows, tokens.masked_fill(dead, pad_id))
-
-
-def _asked_to_stop(rows: _Rows, tokens: torch.Tensor, live: torch.Tensor, stop) -> torch.Tensor:
-    """[B] True for the ``live`` rows whose new tokens so far (this step's included) ``stop``
-    says are enough."""
-    out = torch.zeros_like(live)
-    width = rows.ids.shape[1]
-    for b in live.nonzero().flatten().tolist():
-        fed = int(rows.steps[b]) - 1
-        out[b] = bool(stop(int(rows.owner[b]), rows.ids[b, width - fed:].tolist() + [int(tokens[b])]))
-    return out
 
 
 def decode(model, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:

@@ -11,7 +11,7 @@ fixed batches instead (the reference the decode loop is tested against).
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -143,7 +143,6 @@ def iter_generate(
     strength: "float | Sequence[float]" = 0.0,
     schedule: str = "all",
     refill: bool = True,
-    stop: "Callable[[int, str], bool] | None" = None,
 ) -> Iterator[tuple[int, str]]:
     """``generate`` on the decode loop, one answer at a time: yields ``(index into
     prompts, text)`` as each row finishes, so a caller can store every answer the moment
@@ -154,9 +153,7 @@ def iter_generate(
     Prompts enter longest first (in tokens), so a row that takes a freed slot never
     widens the batch; sampling settings the model's own generation_config adds (top_k, a
     default top_p) apply as they do in ``model.generate``; ``seed`` seeds one generator
-    for the whole run instead of the global RNG per batch. ``stop(index into prompts, text
-    so far)`` may end a row early (checked after every token; its text is then what was
-    written up to that token)."""
+    for the whole run instead of the global RNG per batch."""
     from contextlib import nullcontext
 
     from esr_train.decoding import Sampling, stream_decode
@@ -179,9 +176,7 @@ def iter_generate(
     with ctx as selection, tqdm(total=len(texts), desc=_label(progress), disable=not progress, unit="prompt") as bar:
         rows = stream_decode(model, [ids[i] for i in order], max_new_tokens=max_new_tokens, sampling=sampling,
                              batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, generator=generator,
-                             steering=selection, refill=refill,
-                             stop=None if stop is None else
-                             lambda k, new: stop(order[k], tokenizer.decode(new, skip_special_tokens=True)))
+                             steering=selection, refill=refill)
         while True:
             with torch.inference_mode():
                 finished = next(rows, None)

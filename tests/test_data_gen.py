@@ -232,18 +232,3 @@ def test_answer_model_writes_the_answers_and_the_writer_keeps_the_drifts(smollm,
     assert list(dict(backend.distractions.items()).values()) == list(dict(alone.distractions.items()).values())
     with pytest.raises(GenerateError, match="answer_model is for the self backend"):
         GenerateConfig(backend="template", template_file="x.jsonl", answer_model="smollm2-135m")
-
-
-def test_holds_sentences_is_final_only_when_more_text_cannot_change_the_cut():
-    """A generator may stop once holds_sentences says so: the cut is then the one the
-    full text would give."""
-    from data_gen.text import first_sentences, holds_sentences
-
-    full = "Volcanoes erupt. They are hot, e.g. lava is 1200 degrees. Dr. Smith said so. More text"
-    for n in (1, 2, 3):
-        stops = [k for k in range(1, len(full) + 1) if holds_sentences(full[:k], n)]
-        assert stops, n
-        assert first_sentences(full[:stops[0]], n) == first_sentences(full, n)
-    assert not holds_sentences("Volcanoes erupt.", 1)  # the next token could be "5" (a decimal)
-    assert holds_sentences("Volcanoes erupt. T", 1) and not holds_sentences("Volcanoes erupt. T", 2)
-    assert not holds_sentences("It was 3.5 km wide and e.g. hot", 1)

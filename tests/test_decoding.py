@@ -329,17 +329,3 @@ def test_repetition_penalty_equals_transformers_processor():
     got = RepetitionPenalty(1.3, pad)(ids, scores.clone())
     assert torch.equal(got, want)
     assert not torch.equal(got, scores)
-
-
-def test_stop_ends_a_row_where_it_says_and_leaves_the_others(tiny_model):
-    """A per-row ``stop`` ends that row at the token where it first says yes (the token
-    kept), as an EOS would, in a refilling batch; rows it never stops equal the full run."""
-    from esr_train.decoding import stream_decode
-
-    prompts = CharTokenizer()(TEXTS)["input_ids"]
-    full = decode(tiny_model, prompts, max_new_tokens=N, batch_size=2, eos_token_id=NEVER)
-    cut = {0: 3, 2: 1, 5: 7}  # prompt index -> tokens it keeps
-    got = dict(stream_decode(tiny_model, prompts, max_new_tokens=N, batch_size=2, eos_token_id=NEVER,
-                             stop=lambda i, new: len(new) >= cut.get(i, N + 1)))
-    for i, row in enumerate(full):
-        assert got[i] == row[:cut.get(i, N)], i
