@@ -22,9 +22,11 @@ from esr_train.layers import decoder_layers, resolve_layer
 
 
 class _LayerReader:
-    """A forward hook on one decoder layer that keeps the output of every decode step
-    (one token per row) with the prompt index and generated-token index of each row, as
-    ``stream_decode`` reports them through ``update`` before each pass."""
+    """A forward hook on one decoder layer that keeps each pass's first-column output with
+    the prompt index and offset of each row, as ``stream_decode`` reports them through
+    ``update`` before each pass. In a decode step that column is the fed token and the
+    offset its index among the generated ones; a prompt pass's offsets are negative, so
+    :meth:`sums` leaves it out."""
 
     def __init__(self, model, layer: int) -> None:
         self.layer = decoder_layers(model)[resolve_layer(model, layer)]
@@ -37,7 +39,7 @@ class _LayerReader:
 
     def _read(self, module, args, out) -> None:
         hidden = out[0] if isinstance(out, tuple) else out
-        if self.owner is not None and hidden.shape[1] == 1:
+        if self.owner is not None:
             self.steps.append((self.owner.cpu(), self.offset.cpu(), hidden[:, 0].detach().float().cpu()))
 
     def __enter__(self) -> "_LayerReader":
@@ -76,15 +78,14 @@ def write_and_read(
     per prompt, the sum [n, d] and count [n] of the layer-``layer`` residuals over its
     answer's tokens, read while the answers were written."""
     from esr_train.decoding import Sampling, stream_decode
-    from esr_train.generation import render_prompt
+    from esr_train.generation import _label, render_prompt
 
     if not prompts:
         return [], torch.zeros(0, model.config.get_text_config().hidden_size), torch.zeros(0)
     ids = tokenizer([render_prompt(tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)  # as iter_generate admits them
     texts, lengths = [""] * len(prompts), torch.zeros(len(prompts), dtype=torch.long)
-    label = progress if isinstance(progress, str) else "generate"
-    with _LayerReader(model, layer) as reader, tqdm(total=len(prompts), desc=label, disable=not progress,
+    with _LayerReader(model, layer) as reader, tqdm(total=len(prompts), desc=_label(progress), disable=not progress,
                                                      unit="prompt") as bar:
         for k, tokens in stream_decode(model, [ids[i] for i in order], max_new_tokens=max_new_tokens,
                                        sampling=Sampling(repetition_penalty=repetition_penalty),

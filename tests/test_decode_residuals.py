@@ -18,14 +18,14 @@ def test_residuals_read_in_the_decode_equal_a_forward_over_each_answer(tiny_mode
     """Per prompt, the sum and count of the layer's outputs over the generated tokens the
     loop fed back (all but the last) equal those of one unpadded forward pass over the
     prompt and that answer; prompt passes and the padding fed to finished rows are not
-    counted. Batch 2 over six prompts: rows refill, finish early (an EOS that occurs) and
-    are dropped."""
+    counted. Batch 16 over 18 prompts: rows refill, finish early (an EOS that occurs), wait
+    in the batch fed padding until enough have finished (``DROP_SHARE``), and are dropped."""
     tok, layer, n_new = CharTokenizer(), 1, 10
-    prompts = tok(TEXTS)["input_ids"]
-    full = decode(tiny_model, prompts, max_new_tokens=n_new, batch_size=2, eos_token_id=[10_000])
+    prompts = tok([f"{t} {i}" for i in range(3) for t in TEXTS])["input_ids"]
+    full = decode(tiny_model, prompts, max_new_tokens=n_new, batch_size=16, eos_token_id=[10_000])
     eos = Counter(t for row in full for t in row[1:]).most_common(1)[0][0]
     with _LayerReader(tiny_model, layer) as reader:
-        answers = dict(stream_decode(tiny_model, prompts, max_new_tokens=n_new, batch_size=2, eos_token_id=[eos],
+        answers = dict(stream_decode(tiny_model, prompts, max_new_tokens=n_new, batch_size=16, eos_token_id=[eos],
                                      pad_token_id=0, observer=reader))
     lengths = torch.tensor([len(answers[i]) for i in range(len(prompts))])
     assert (lengths < n_new).any() and (lengths == n_new).any()  # some ended early, some ran out
@@ -38,9 +38,10 @@ def test_residuals_read_in_the_decode_equal_a_forward_over_each_answer(tiny_mode
         assert torch.allclose(total[i], hidden.float().sum(dim=0), atol=1e-4), i
 
 
-def test_write_and_read_writes_what_generate_writes(monkeypatch, tmp_path):
+def test_write_and_read_writes_what_generate_writes():
     """The texts are generate()'s greedy answers (chat-rendered, the same penalty), in the
-    caller's order, and each count is the answer's token count less one."""
+    caller's order, each count is the answer's token count less one, and each sum is the
+    one that prompt gets when written alone (the batch enters longest prompt first)."""
     from esr_train.zoo import load_tokenizer
     from tests.conftest import tiny_llama
 
@@ -51,4 +52,7 @@ def test_write_and_read_writes_what_generate_writes(monkeypatch, tmp_path):
                                          batch_size=2)
     assert texts == generate(model, tok, prompts, max_new_tokens=8, repetition_penalty=1.1, batch_size=2)
     assert count.tolist() == [7, 7, 7]  # random weights never emit EOS in 8 tokens
-    assert total.shape == (3, model.config.hidden_size) and bool((total != 0).all(dim=1).all())
+    assert total.shape == (3, model.config.hidden_size)
+    for i, prompt in enumerate(prompts):
+        _, alone, _ = write_and_read(model, tok, [prompt], 2, max_new_tokens=8, repetition_penalty=1.1)
+        assert torch.allclose(total[i], alone[0], atol=1e-4), i
