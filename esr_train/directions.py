@@ -39,7 +39,10 @@ class SteeringDirection:
         norm = vec.norm().item()
         if not vec.numel() or norm == 0 or not torch.isfinite(vec).all():
             raise DirectionError(f"direction {self.label!r} is empty, zero or not finite")
-        self.vector = vec / norm
+        # A vector that is already unit (one this class made, saved and loaded again) is kept
+        # bit for bit: dividing by its float32 norm once more can move the last bits, so a
+        # direction copied through load and save would no longer equal its source.
+        self.vector = vec if abs(norm - 1.0) <= 1e-6 else vec / norm
         if self.source not in SOURCES:
             raise DirectionError(f"unknown direction source {self.source!r}; valid: {', '.join(SOURCES)}")
         if self.layer < 0:

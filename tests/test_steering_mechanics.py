@@ -338,3 +338,18 @@ def test_capture_residuals_reads_the_layer_and_stops_there(tiny_model):
         with torch.no_grad():
             want = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0, 1:]
         assert acts.shape == want.shape and torch.allclose(acts, want.float(), atol=1e-5)
+
+
+def test_a_direction_survives_save_and_load_bit_for_bit(tmp_path):
+    """A direction is stored unit-normalised; loading it (and saving the loaded copy again,
+    as the cross-run cache does on a hit) must give the very same vector, not one divided
+    by its float32 norm once more."""
+    from esr_train.directions import SteeringDirection
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(20):
+        made = SteeringDirection(vector=torch.randn(576, generator=g) * 3, layer=1, label=f"d{i}", source="concept")
+        copy = SteeringDirection.load(made.save(tmp_path / "a.safetensors"))
+        again = SteeringDirection.load(copy.save(tmp_path / "b.safetensors"))
+        assert torch.equal(copy.vector, made.vector) and torch.equal(again.vector, made.vector), i
+        assert abs(float(made.vector.norm()) - 1.0) < 1e-6
