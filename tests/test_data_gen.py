@@ -70,6 +70,49 @@ def test_template_backend_writes_a_loadable_dataset(tmp_path):
         assert (tmp_path / "ds" / f"{split}.jsonl").read_bytes() == (tmp_path / "ds2" / f"{split}.jsonl").read_bytes()
 
 
+class ScriptedWriter:
+    """Stands in for the model behind the self backend's interface (``answer``,
+    ``directions``, ``distract``) with fixed texts, and counts what the builder asks it to
+    write. Every third job (plan index 0, 3, 6, ...) gets no complete sentence."""
+
+    label = "scripted"
+
+    def __init__(self):
+        self.asked: dict[str, int] = {"answers": 0, "distractions": 0}
+
+    def answer(self, prompts):
+        self.asked["answers"] += len(prompts)
+        return {p: f"{p} Start with the first step, check each part as you go, and finish with the last step."
+                for p in prompts}
+
+    def directions(self, subjects):
+        return {}
+
+    def distract(self, jobs):
+        self.asked["distractions"] += len(jobs)
+        return {j["id"]: "" if int(j["id"].rsplit("-", 1)[1]) % 3 == 0 else
+                f"{j['subject']} is a fascinating thing. People study {j['subject']} for years." for j in jobs}
+
+
+def test_self_backend_runs_only_the_jobs_the_filters_need(tmp_path):
+    """The plan is drawn in full, but jobs run in waves: the first sized by the expected
+    pass share, a second topping up what the filters rejected. The rows kept are the
+    first passing jobs in plan order (as if the whole plan had run), exactly ``n`` rows,
+    and surplus jobs of a full split are neither kept nor counted as rejected."""
+    writer = ScriptedWriter()
+    cfg = GenerateConfig(n=60, mix=0.5, test_size=0.2, seed=0, overgenerate=3)
+    summary = build_dataset(cfg, tmp_path / "ds", backend_impl=writer)
+    assert summary["rows"] == {"train": {"normal": 24, "self_correction": 24},
+                               "test": {"normal": 6, "self_correction": 6}}
+    rows = [json.loads(line) for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
+    # the first 24 passing train jobs are plan indices 1, 2, 4, 5, ..., 34, 35 (seed 0: row seed = index)
+    assert [r["seed"] for r in rows if r["kind"] == "self_correction"] == [i for i in range(36) if i % 3]
+    # wave 1 runs ceil(24 / 0.8) = 30 train and 8 test jobs, 25 of the 38 pass; wave 2 tops up
+    # ceil(2 x short / (25 / 38)): 13 train, 4 test; 55 of the 90 planned
+    assert writer.asked["distractions"] == 30 + 8 + 13 + 4
+    assert summary["rejected"] == {"answer_for_self_correction": 0, "no_complete_sentence": 12 + 3}
+
+
 def test_empty_split_still_loads(tmp_path):
     from datasets import load_from_disk
 
