@@ -35,6 +35,13 @@ def _models(args) -> int:
             took = "cached" if is_prepared(entry.name, args.cache_dir) else "not prepared yet"
         print(f"{entry.name:14s} {entry.description}")
         print(f"{'':14s} steer layer {entry.default_layer}; {took}; {model_cache_path(entry.name, args.cache_dir)}")
+    if args.prepare:  # the CPU decode attention is compiled once per machine too
+        from esr_train.decode_attention import load_kernel
+
+        t0 = time.perf_counter()
+        built = load_kernel(args.cache_dir) is not None
+        print(f"{'decode attn':14s} CPU decode-step attention kernel: "
+              f"{f'ready in {time.perf_counter() - t0:.1f}s' if built else 'not built, decoding uses SDPA'}")
     return 0
 
 

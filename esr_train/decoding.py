@@ -48,6 +48,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from esr_train.decode_attention import decode_attention
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -356,7 +358,8 @@ def stream_decode(
     eos_ids, pad_id = _special_ids(model, eos_token_id, pad_token_id)
     m = _Model(model, steering, observer)
     try:
-        yield from _loop(m, prompts, max_new_tokens, sampling, batch_size, eos_ids, pad_id, generator, refill)
+        with decode_attention(model):
+            yield from _loop(m, prompts, max_new_tokens, sampling, batch_size, eos_ids, pad_id, generator, refill)
     finally:
         for tracker in m.trackers:  # later passes in the same steer_rows block see the plain table again
             tracker.update(None, None)

@@ -1,0 +1,121 @@
+"""A CPU attention for decode steps: one new token per row against the key/value cache.
+
+Why: in a decode step SDPA's CPU flash kernel handles each row's grouped query heads as
+tiny products and runs at about a tenth of this machine's matmul rate; at the batches
+data generation and evaluation use, it is a quarter to a third of a step
+(docs/performance.md P16). Written with ``torch`` ops (batched matmuls, elementwise
+products, ``torch.compile``) it was no faster. The kernel here (``csrc/decode_attention.cpp``,
+built once per machine with ``torch.utils.cpp_extension``) reads each cached key and value
+row once for all the query heads that share it; the softmax between its two halves is
+``torch.softmax``. Scores and sums are float32 whatever the cache's dtype (float32 or
+bfloat16), as SDPA's CPU kernel keeps them.
+
+Only CPU decode steps in inference take it (one query token, a float32 or bfloat16 cache,
+a boolean mask or none); prefill, training, GPUs and anything else go to transformers'
+SDPA function unchanged. ``stream_decode`` switches a model to it for the length of a run
+(:func:`decode_attention`); ``model.generate`` stays on SDPA, which is what the tests
+compare it against. ``ESR_DECODE_ATTENTION=sdpa`` turns it off; where no compiler can
+build it, decoding keeps SDPA and says so once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NAME = "esr_cpu_decode"
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+
+
+def _flags() -> list[str]:
+    from esr_train.dtype import cpu_flags
+
+    if platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= cpu_flags():
+        return ["-O3", "-fopenmp", "-mavx2", "-mfma"]
+    return ["-O3", "-fopenmp"]
+
+
+@lru_cache(maxsize=2)
+def load_kernel(cache_root: str | None = None):
+    """The compiled extension (built into ``<cache>/kernels`` on first use, about a minute
+    on two cores, or by ``esr models --prepare``; later processes load it), or None where
+    it cannot be built or is turned off."""
+    if os.environ.get("ESR_DECODE_ATTENTION", "").lower() == "sdpa":
+        return None
+    from esr_train.cache import cache_dir
+
+    flags = _flags()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode())
+    name = f"esr_decode_attention_{digest.hexdigest()[:12]}"
+    build = cache_dir(cache_root) / "kernels" / name
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a failed build: SDPA still decodes
+        log.warning("the CPU decode attention could not be built (%s); decoding with SDPA",
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+        return None
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention-function signature: the kernel for a CPU decode step in
+    inference, SDPA for everything else."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kernel = load_kernel()
+    batch, heads, q_len, dim = query.shape
+    groups, width = key.shape[1], key.shape[2]
+    if (kernel is None or q_len != 1 or query.device.type != "cpu" or torch.is_grad_enabled() or dropout
+            or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
+            or key.dtype not in (torch.float32, torch.bfloat16) or value.dtype != key.dtype
+            or dim % 8 or heads % groups or key.stride(-1) != 1 or value.stride(-1) != 1
+            or (attention_mask is not None and (attention_mask.dtype != torch.bool
+                                                or attention_mask.shape[-1] != width))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = dim ** -0.5 if scaling is None else scaling
+    q = (query.reshape(batch, groups, heads // groups, dim).float() * scale).contiguous()
+    scores = kernel.scores(q, key)
+    if attention_mask is not None:
+        scores.masked_fill_(~attention_mask.reshape(attention_mask.shape[0], 1, 1, width), float("-inf"))
+    out = kernel.values(torch.softmax(scores, dim=-1), value)
+    return out.to(query.dtype).reshape(batch, 1, heads, dim), None
+
+
+@lru_cache(maxsize=1)
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+@contextmanager
+def decode_attention(model):
+    """Within the block, a CPU model on SDPA decodes with the kernel (when it builds);
+    any other model is left as it is. The model's setting is restored on exit."""
+    config = getattr(model, "config", None)
+    device = next(model.parameters()).device
+    if (config is None or device.type != "cpu" or getattr(config, "_attn_implementation", None) != "sdpa"
+            or load_kernel() is None):
+        yield
+        return
+    _register()
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
