@@ -6,8 +6,8 @@ this machine, timed alone (docs/performance.md P16).
     python -m benchmarks.decode_attention_bench [--model smollm2-135m] [--batch 128] [--widths 100 200 300]
 
 Attention is timed as transformers runs it in a decode step (one query per row, grouped
-heads packed as 3 queries per key/value head, a padding mask) with SDPA and as two batched
-matmuls; the linears cycle through 211 distinct weights, so none stays in cache. Printed:
+heads packed as 3 queries per key/value head, a padding mask) with SDPA, as two batched
+matmuls and with the decode loop's kernel (``esr_train.decode_attention``); the linears cycle through 211 distinct weights, so none stays in cache. Printed:
 milliseconds per step for each, the attention's GFLOP/s, and the matmul rate of a square
 1024 product (``esr_train.dtype.matmul_gflops``, the benchmarks' ceiling) in the same run.
 """
@@ -59,8 +59,13 @@ def best_of(fn, reps: int, tries: int = 3) -> float:
     return min(times)
 
 
-def attention_ms(m: Shapes, batch: int, width: int, dtype: torch.dtype) -> tuple[float, float, float]:
-    """(SDPA ms, two-matmul ms, GFLOP/s of the faster) for one layer's decode attention."""
+def attention_ms(m: Shapes, batch: int, width: int, dtype: torch.dtype) -> tuple[float, float, float | None, float]:
+    """(SDPA ms, two-matmul ms, kernel ms or None where it does not build, GFLOP/s of the
+    fastest) for one layer's decode attention."""
+    from types import SimpleNamespace
+
+    from esr_train.decode_attention import attention_forward, load_kernel
+
     q = torch.randn(batch, m.kv_heads, m.heads // m.kv_heads, m.head_dim, dtype=dtype)
     k = torch.randn(batch, m.kv_heads, width, m.head_dim, dtype=dtype)
     v = torch.randn(batch, m.kv_heads, width, m.head_dim, dtype=dtype)
@@ -74,11 +79,23 @@ def attention_ms(m: Shapes, batch: int, width: int, dtype: torch.dtype) -> tuple
     def sdpa():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
+    module = SimpleNamespace(num_key_value_groups=m.heads // m.kv_heads, is_causal=True)
+    query = q.reshape(batch, m.heads, 1, m.head_dim)
+
+    def kernel():  # as a decode step calls it: the model's query heads, output [batch, 1, heads, dim]
+        return attention_forward(module, query, k, v, mask, scaling=m.head_dim ** -0.5)[0]
+
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(two_matmuls(), sdpa(), atol=tol, rtol=tol)
     t_sdpa, t_mm = best_of(sdpa, 20), best_of(two_matmuls, 20)
+    t_kernel = None
+    if load_kernel() is not None:
+        want = sdpa().reshape(batch, m.heads, m.head_dim)
+        torch.testing.assert_close(kernel().reshape(batch, m.heads, m.head_dim), want, atol=tol, rtol=tol)
+        t_kernel = best_of(kernel, 20)
     flops = 4 * batch * m.heads * width * m.head_dim
-    return t_sdpa * 1e3, t_mm * 1e3, flops / min(t_sdpa, t_mm) / 1e9
+    best = min(t for t in (t_sdpa, t_mm, t_kernel) if t is not None)
+    return t_sdpa * 1e3, t_mm * 1e3, None if t_kernel is None else t_kernel * 1e3, flops / best / 1e9
 
 
 def linears_ms(m: Shapes, batch: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -112,10 +129,13 @@ def main(argv=None) -> None:
           f"{meta['dtype']}; square 1024 matmul {ceiling:.0f} GFLOP/s")
     print(f"linears of one step: {lin_ms:.0f} ms ({lin_rate:.0f} GFLOP/s, {lin_rate / ceiling:.2f} of the square)")
     for width in args.widths:
-        sdpa, mm, rate = attention_ms(shapes, args.batch, width, dtype)
-        step = shapes.layers * min(sdpa, mm)
-        print(f"cache width {width}: attention {sdpa:.2f} ms (SDPA) / {mm:.2f} ms (matmuls) a layer, "
-              f"{step:.0f} ms a step = {step / (step + lin_ms):.0%} of attention + linears; {rate:.0f} GFLOP/s")
+        with torch.inference_mode():  # as the decode loop runs (the kernel is for inference only)
+            sdpa, mm, kern, rate = attention_ms(shapes, args.batch, width, dtype)
+        step = shapes.layers * (kern if kern is not None else min(sdpa, mm))
+        kern_text = f"{kern:.2f} ms (kernel, {sdpa / kern:.2f}x SDPA)" if kern is not None else "no kernel"
+        print(f"cache width {width}: attention {sdpa:.2f} ms (SDPA) / {mm:.2f} ms (matmuls) / {kern_text} a layer; "
+              f"decoding's {step:.0f} ms a step = {step / (step + lin_ms):.0%} of attention + linears; "
+              f"{rate:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ data generation and evaluation use, it is a quarter to a third of a step
 (docs/performance.md P16). Written with ``torch`` ops (batched matmuls, elementwise
 products, ``torch.compile``) it was no faster. The kernel here (``csrc/decode_attention.cpp``,
 built once per machine with ``torch.utils.cpp_extension``) reads each cached key and value
-row once for all the query heads that share it; the softmax between its two halves is
-``torch.softmax``. Scores and sums are float32 whatever the cache's dtype (float32 or
+row once for all the query heads that share it, with the mask and the softmax in the same
+pass (each a torch op of its own cost as much as the products at these sizes). Scores and
+sums are float32 whatever the cache's dtype (float32 or
 bfloat16), as SDPA's CPU kernel keeps them.
 
 Only CPU decode steps in inference take it (one query token, a float32 or bfloat16 cache,
@@ -80,17 +81,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if (kernel is None or q_len != 1 or query.device.type != "cpu" or torch.is_grad_enabled() or dropout
             or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
             or key.dtype not in (torch.float32, torch.bfloat16) or value.dtype != key.dtype
-            or dim % 8 or heads % groups or key.stride(-1) != 1 or value.stride(-1) != 1
+            or dim % 8 or heads % groups or heads // groups > 64 or key.stride(-1) != 1 or value.stride(-1) != 1
             or (attention_mask is not None and (attention_mask.dtype != torch.bool
-                                                or attention_mask.shape[-1] != width))):
+                                                or attention_mask.numel() != attention_mask.shape[0] * width
+                                                or attention_mask.shape[0] not in (1, batch)))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    scale = dim ** -0.5 if scaling is None else scaling
-    q = (query.reshape(batch, groups, heads // groups, dim).float() * scale).contiguous()
-    scores = kernel.scores(q, key)
-    if attention_mask is not None:
-        scores.masked_fill_(~attention_mask.reshape(attention_mask.shape[0], 1, 1, width), float("-inf"))
-    out = kernel.values(torch.softmax(scores, dim=-1), value)
+    q = query.reshape(batch, groups, heads // groups, dim).float().contiguous()
+    mask = None if attention_mask is None else attention_mask.reshape(attention_mask.shape[0], width)
+    out = kernel.attend(q, key, value, mask, dim ** -0.5 if scaling is None else scaling)
     return out.to(query.dtype).reshape(batch, 1, heads, dim), None
 
 

@@ -1,7 +1,13 @@
-// Decode attention on CPU: one query token per row, grouped query heads.
+// Decode attention on CPU: one query token per row against the key/value cache, grouped
+// query heads (esr_train/decode_attention.py says why). Each (row, key/value head) pair is
+// one task: its R query heads' scores against every cached key (each key row read once for
+// all R), the padding mask, the softmax, and the weighted sum of the value rows (each read
+// once), all in float32 whatever the cache's dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 #ifdef __AVX2__
@@ -92,100 +98,147 @@ inline void axpy4_rows(const float* p, int64_t W, const float* v, int64_t stride
     }
   }
 }
+// exp(x) for x <= 0 (scores minus their maximum), the Cephes single-precision polynomial
+// (about 1e-7 relative error); -inf gives 0.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 is_ninf = _mm256_cmp_ps(x, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(is_ninf, _mm256_mul_ps(y, _mm256_castsi256_ps(n)));
+}
 #endif
 
-template <typename T>
-void scores_impl(const at::Tensor& q, const at::Tensor& k, at::Tensor& s) {
-  const int64_t B = q.size(0), G = q.size(1), R = q.size(2), D = q.size(3), W = k.size(2);
-  const int64_t kb = k.stride(0), kg = k.stride(1), kw = k.stride(2);
-  const float* qp = q.data_ptr<float>();
-  const T* kp = k.data_ptr<T>();
-  float* sp = s.data_ptr<float>();
-  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(8 * D);
-    for (int64_t i = begin; i < end; ++i) {
-      const T* kbase = kp + (i / G) * kb + (i % G) * kg;
-      const float* qbase = qp + i * R * D;
-      float* sbase = sp + i * R * W;
-      int64_t w = 0;
+// s[0..n) = exp(s - max) in place; returns their sum (0 when every entry is -inf).
+inline float softmax_numerators(float* s, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t w = 0; w < n; ++w) mx = s[w] > mx ? s[w] : mx;
+  if (mx == -std::numeric_limits<float>::infinity()) {
+    std::memset(s, 0, sizeof(float) * n);
+    return 0.f;
+  }
+  float sum = 0.f;
+  int64_t w = 0;
 #ifdef __AVX2__
-      for (; w + 8 <= W; w += 8) {
-        const float* kr = as_rows(kbase + w * kw, kw, 8, buf.data(), D);
-        scores8(qbase, kr, row_stride<T>(kw, D), R, D, sbase + w, W);
-      }
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (; w + 8 <= n; w += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + w), m));
+    _mm256_storeu_ps(s + w, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, acc);
+  for (int j = 0; j < 8; ++j) sum += lanes[j];
 #endif
-      for (; w < W; ++w) {
-        const float* kr = as_float(kbase + w * kw, buf.data(), D);
-        for (int64_t r = 0; r < R; ++r) sbase[r * W + w] = dot(qbase + r * D, kr, D);
-      }
-    }
-  });
+  for (; w < n; ++w) {
+    s[w] = std::exp(s[w] - mx);
+    sum += s[w];
+  }
+  return sum;
 }
 
 template <typename T>
-void values_impl(const at::Tensor& p, const at::Tensor& v, at::Tensor& out) {
-  const int64_t B = p.size(0), G = p.size(1), R = p.size(2), W = p.size(3), D = v.size(3);
+void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const uint8_t* mask,
+                 int64_t mask_row_stride, int64_t mask_col_stride, float scale, at::Tensor& out) {
+  const int64_t B = q.size(0), G = q.size(1), R = q.size(2), D = q.size(3), W = k.size(2);
+  const int64_t kb = k.stride(0), kg = k.stride(1), kw = k.stride(2);
   const int64_t vb = v.stride(0), vg = v.stride(1), vw = v.stride(2);
-  const float* pp = p.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(4 * D);
+    std::vector<float> buf(8 * D), qs(R * D), s(R * W);
     for (int64_t i = begin; i < end; ++i) {
-      const T* vbase = vp + (i / G) * vb + (i % G) * vg;
-      const float* pbase = pp + i * R * W;
-      float* obase = op + i * R * D;
-      std::memset(obase, 0, sizeof(float) * R * D);
+      const int64_t b = i / G, g = i % G;
+      const T* kbase = kp + b * kb + g * kg;
+      const T* vbase = vp + b * vb + g * vg;
+      for (int64_t j = 0; j < R * D; ++j) qs[j] = qp[i * R * D + j] * scale;
+      // scores
       int64_t w = 0;
 #ifdef __AVX2__
+      for (; w + 8 <= W; w += 8)
+        scores8(qs.data(), as_rows(kbase + w * kw, kw, 8, buf.data(), D), row_stride<T>(kw, D), R, D, s.data() + w, W);
+#endif
+      for (; w < W; ++w) {
+        const float* kr = as_float(kbase + w * kw, buf.data(), D);
+        for (int64_t r = 0; r < R; ++r) s[r * W + w] = dot(qs.data() + r * D, kr, D);
+      }
+      if (mask != nullptr) {
+        const uint8_t* mrow = mask + b * mask_row_stride;
+        for (int64_t c = 0; c < W; ++c)
+          if (!mrow[c * mask_col_stride])
+            for (int64_t r = 0; r < R; ++r) s[r * W + c] = -std::numeric_limits<float>::infinity();
+      }
+      float inv[64];
+      for (int64_t r = 0; r < R; ++r) {
+        const float sum = softmax_numerators(s.data() + r * W, W);
+        inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+      }
+      // weighted sum of the value rows
+      float* obase = op + i * R * D;
+      std::memset(obase, 0, sizeof(float) * R * D);
+      w = 0;
+#ifdef __AVX2__
       for (; w + 4 <= W; w += 4)
-        axpy4_rows(pbase + w, W, as_rows(vbase + w * vw, vw, 4, buf.data(), D), row_stride<T>(vw, D), obase, R, D);
+        axpy4_rows(s.data() + w, W, as_rows(vbase + w * vw, vw, 4, buf.data(), D), row_stride<T>(vw, D), obase, R, D);
 #endif
       for (; w < W; ++w) {
         const float* vr = as_float(vbase + w * vw, buf.data(), D);
-#ifdef __AVX2__
-        axpy_rows(pbase + w, W, vr, obase, R, D);
-#else
         for (int64_t r = 0; r < R; ++r) {
-          const float pr = pbase[r * W + w];
+          const float pr = s[r * W + w];
           if (pr == 0.f) continue;
-          float* o = obase + r * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += pr * vr[d];
+          for (int64_t d = 0; d < D; ++d) obase[r * D + d] += pr * vr[d];
         }
-#endif
       }
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t d = 0; d < D; ++d) obase[r * D + d] *= inv[r];
     }
   });
-}
-
-void check(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1, name, ": a 4-d CPU tensor, last dim contiguous");
 }
 
 }  // namespace
 
-at::Tensor scores(const at::Tensor& q, const at::Tensor& k) {
-  check(q, "q"); check(k, "k");
+// q [B, G, R, D] float32 contiguous (R query heads per key/value head), k and v [B, G, W, D]
+// float32 or bfloat16 with the last dim contiguous (views of a larger cache are fine),
+// mask [B or 1, W] bool (true: attend) or undefined. Returns [B, G, R, D] float32.
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+                  double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode attention: CPU tensors");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode attention: 4-d q, k, v");
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32");
-  TORCH_CHECK(q.size(3) % 8 == 0 && q.size(3) == k.size(3), "head dim: a multiple of 8, the same for q and k");
-  auto s = at::empty({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options());
-  if (k.scalar_type() == at::kFloat) scores_impl<float>(q, k, s);
-  else if (k.scalar_type() == at::kBFloat16) scores_impl<at::BFloat16>(q, k, s);
-  else TORCH_CHECK(false, "k: float32 or bfloat16");
-  return s;
-}
-
-at::Tensor values(const at::Tensor& p, const at::Tensor& v) {
-  check(p, "p"); check(v, "v");
-  TORCH_CHECK(p.scalar_type() == at::kFloat && p.is_contiguous(), "p: contiguous float32");
-  auto out = at::empty({p.size(0), p.size(1), p.size(2), v.size(3)}, p.options());
-  if (v.scalar_type() == at::kFloat) values_impl<float>(p, v, out);
-  else if (v.scalar_type() == at::kBFloat16) values_impl<at::BFloat16>(p, v, out);
-  else TORCH_CHECK(false, "v: float32 or bfloat16");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && k.stride(3) == 1 && v.stride(3) == 1,
+              "k, v: one dtype, last dim contiguous");
+  TORCH_CHECK(q.size(3) % 8 == 0 && k.size(3) == q.size(3) && v.size(3) == q.size(3), "head dim: a multiple of 8");
+  TORCH_CHECK(q.size(2) <= 64 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && v.sizes() == k.sizes(),
+              "shapes: q [B, G, R <= 64, D], k and v [B, G, W, D]");
+  const uint8_t* mp = nullptr;
+  int64_t mrow = 0, mcol = 0;
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(1) == k.size(2)
+                && (m.size(0) == q.size(0) || m.size(0) == 1), "mask: bool [B or 1, W]");
+    mp = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
+    mrow = m.size(0) == 1 ? 0 : m.stride(0);
+    mcol = m.stride(1);
+  }
+  auto out = at::empty(q.sizes(), q.options());
+  if (k.scalar_type() == at::kFloat) attend_impl<float>(q, k, v, mp, mrow, mcol, static_cast<float>(scale), out);
+  else if (k.scalar_type() == at::kBFloat16) attend_impl<at::BFloat16>(q, k, v, mp, mrow, mcol, static_cast<float>(scale), out);
+  else TORCH_CHECK(false, "k, v: float32 or bfloat16");
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scores", &scores, "q [B,G,R,D] . k [B,G,W,D] -> [B,G,R,W]");
-  m.def("values", &values, "p [B,G,R,W] @ v [B,G,W,D] -> [B,G,R,D]");
+  m.def("attend", &attend, "softmax(q k^T * scale, masked) v for one query token per row");
 }
