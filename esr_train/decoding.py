@@ -49,6 +49,7 @@ from transformers.generation.logits_process import (
 )
 
 from esr_train.decode_attention import decode_attention
+from esr_train.packed_linear import packed_linears
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,11 @@ def stream_decode(
     from ``steer_rows`` over one row per prompt. ``observer``, when given, is told the same
     before every pass (``update(prompt index per row, offset per row)``; the offset of a
     decode step's token is its index among the generated ones, negative in a prompt pass),
-    so a hook reading layer outputs knows whose token each row holds."""
+    so a hook reading layer outputs knows whose token each row holds.
+
+    While the iterator runs, a CPU model decodes with the attention kernel
+    (``decode_attention``) and its float32 linears packed for oneDNN (``packed_linears``);
+    both are undone when it ends or is closed."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if any(len(p) == 0 for p in prompts):
@@ -358,7 +363,7 @@ def stream_decode(
     eos_ids, pad_id = _special_ids(model, eos_token_id, pad_token_id)
     m = _Model(model, steering, observer)
     try:
-        with decode_attention(model):
+        with decode_attention(model), packed_linears(model, batch_size):
             yield from _loop(m, prompts, max_new_tokens, sampling, batch_size, eos_ids, pad_id, generator, refill)
     finally:
         for tracker in m.trackers:  # later passes in the same steer_rows block see the plain table again

@@ -1,0 +1,103 @@
+"""Linear layers in oneDNN's packed weight layout for the length of a CPU decode run.
+
+Why: a decode step multiplies a few dozen rows by every weight matrix, and MKL's plain
+``F.linear`` runs those skinny products at 0.5-0.7 of this machine's square-matmul rate
+(docs/performance.md P3). oneDNN with the weights reordered once into its blocked layout
+(``torch.ops.mkldnn._reorder_linear_weight``, the path ``torch.compile`` takes on CPU when
+it freezes weights) ran SmolLM2-135M's 211 linears 8-16% faster at 47-64 rows and its
+49152-row head 1.5-1.7x faster, on a 2-core AVX2 EPYC in float32; the steered decode's
+forward passes took 21% less time (P19).
+
+The packed copy replaces the plain one: a layer's weight is reordered, its parameter's
+storage freed, and the plain weight written back from the packed one on exit (exact: a
+reorder moves values, it does not round them), so no stage holds the model twice. A
+head tied to the input embeddings cannot be freed (the embedding lookup reads it), so it
+is packed as a copy only when it is at most ``TIED_HEAD_SHARE`` of the model (SmolLM2:
+0.21, 113 MB in float32; Gemma 3 270M's 262k-token head is 0.63 and stays plain).
+
+Scope: float32 weights on a CPU with oneDNN, in inference (no gradient through the packed
+product), for linears at least ``MIN_FEATURES`` wide on both sides (PEFT's LoRA A/B
+matrices stay plain, their base layers are packed). Inside the block a
+packed layer answers any number of rows, prefill included; code that reads a packed
+layer's ``weight`` directly meanwhile sees an empty tensor. bfloat16 is left on its
+plain path: its speed here was not measured on a machine that runs it natively.
+``ESR_PACKED_LINEAR=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+TIED_HEAD_SHARE = 0.25
+MIN_FEATURES = 128
+
+
+def available() -> bool:
+    """oneDNN's packed linear is in this torch build and not turned off."""
+    return (os.environ.get("ESR_PACKED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _embedding_storages(model) -> set[int]:
+    return {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+
+
+def _candidates(model) -> list[tuple[torch.nn.Linear, bool]]:
+    """(layer, tied) for every linear this module packs; ``tied`` = its weight is also an
+    embedding's, so it is packed as a copy and never freed."""
+    total = sum(p.numel() for p in model.parameters())
+    embedded = _embedding_storages(model)
+    out = []
+    for name, module in model.named_modules():
+        if type(module) is not torch.nn.Linear or "lora_" in name:
+            continue
+        w = module.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or min(w.shape) < MIN_FEATURES:
+            continue
+        tied = w.data_ptr() in embedded
+        if tied and w.numel() > TIED_HEAD_SHARE * total:
+            continue
+        out.append((module, tied))
+    return out
+
+
+def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("esr_train.packed_linear: this layer is packed for decoding and takes no gradient; "
+                               "finish or close the decode before training through the model")
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    return forward
+
+
+@contextmanager
+def packed_linears(model, rows: int):
+    """Within the block, the model's eligible linears (see the module docstring) compute
+    with packed weights; ``rows`` is the batch the packing is tuned for (any batch works).
+    The plain weights are back, bit for bit, on exit, also after an error. A block opened
+    inside another on the same model (two decodes interleaved) finds the freed layers
+    already packed and leaves them to the outer one."""
+    if not available():
+        yield
+        return
+    done: list[tuple[torch.nn.Linear, torch.Tensor | None]] = []
+    try:
+        with torch.no_grad():
+            for module, tied in _candidates(model):
+                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), max(1, rows))
+                module.forward = _packed_forward(packed, module.bias)
+                if tied:
+                    done.append((module, None))
+                else:
+                    done.append((module, packed))
+                    module.weight.data = module.weight.data.new_empty(0)
+        yield
+    finally:
+        with torch.no_grad():
+            for module, packed in done:
+                vars(module).pop("forward", None)  # a nested decode on the same model may have taken it already
+                if packed is not None:
+                    module.weight.data = packed.to_dense()
