@@ -1,11 +1,13 @@
 """Steered generation throughput for smollm2-135m on a realistic eval batch, in one run.
 
-    python -m benchmarks.steer_bench [--n 128] [--batch-size 64] [--tokens 256] [--json out.json]
+    python -m benchmarks.steer_bench [--n 128] [--grid 1] [--batch-size 64] [--tokens 256] [--json out.json]
 
 The batch: ``--n`` prompts of the bundled test split (mixed lengths), sampled
 (temperature 0.6, repetition penalty 1.1) up to ``--tokens`` new tokens, so rows finish
 at different times; every row is steered at strength 0.3 toward one of 4 held-out
-concept directions (per-row steering, the eval harness's path). The same batch runs on
+concept directions (per-row steering, the eval harness's path); ``--grid K`` asks each
+prompt K times, toward K different concepts, as the eval's prompt x subject trials do (with
+``--batch-size 128``, the shipped recipes' eval batch). The same batch runs on
 
 * the decode loop with refill (``engine="decode"``): finished rows leave, waiting
   prompts take their slots -> ``steered_generation_tok_s``;
@@ -48,6 +50,7 @@ def _generated_tokens(tok, texts: list[str]) -> int:
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=128, help="prompts in the batched runs")
+    parser.add_argument("--grid", type=int, default=1, help="trials per prompt, each toward another concept")
     parser.add_argument("--tokens", type=int, default=256, help="max new tokens")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per step (docs/performance.md P3)")
     parser.add_argument("--naive", type=int, default=4, help="prompts timed one at a time")
@@ -70,6 +73,7 @@ def measure(argv=None) -> list[dict]:
     prompts = [p["prompt"] for p in load_prompts("test")][: args.n]
     with tempfile.TemporaryDirectory(prefix="esr-steer-bench-") as tmp:  # (untimed; from the cross-run cache)
         dirs = saved_concept_directions(model, tok, [s["subject"] for s in load_subjects("test")][:4], 15, Path(tmp))
+    prompts = [p for p in prompts for _ in range(max(1, args.grid))]  # trial i: prompt i // grid, concept i % 4
     row_dirs = [dirs[i % len(dirs)] for i in range(len(prompts))]
     gen = dict(max_new_tokens=args.tokens, do_sample=True, temperature=0.6, repetition_penalty=1.1, seed=0,
                batch_size=args.batch_size)
@@ -105,7 +109,8 @@ def measure(argv=None) -> list[dict]:
     dtype = next(model.parameters()).dtype
     ceiling = round(matmul_gflops(dtype, n=1024) / GFLOP_PER_TOKEN, 1)
     meta = machine_meta(str(dtype))
-    batch = (f"{len(prompts)} test prompts, batch {args.batch_size}, sampled T=0.6 rep 1.1, "
+    trials = f"{len(prompts)} test prompts" if args.grid <= 1 else f"{len(prompts)} trials ({args.grid} per test prompt)"
+    batch = (f"{trials}, batch {args.batch_size}, sampled T=0.6 rep 1.1, "
              f"<= {args.tokens} new tokens, steered {STRENGTH} toward {len(dirs)} concepts")
     base = f"baseline: naive steered HF generate, batch 1, {len(naive_idx)} prompts, {naive_tokens} tok"
     engines = {"decode+refill": decode[0], "hf fixed batches": hf[0], "decode, no refill": prune[0]}
