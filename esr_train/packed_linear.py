@@ -52,8 +52,8 @@ def _candidates(model) -> list[tuple[torch.nn.Linear, bool]]:
     embedded = _embedding_storages(model)
     out = []
     for name, module in model.named_modules():
-        if type(module) is not torch.nn.Linear or "lora_" in name:
-            continue
+        if type(module) is not torch.nn.Linear or "lora_" in name or "forward" in vars(module):
+            continue  # not a plain linear, a LoRA matrix, or already packed by an enclosing block
         w = module.weight
         if w.device.type != "cpu" or w.dtype != torch.float32 or min(w.shape) < MIN_FEATURES:
             continue
@@ -78,8 +78,8 @@ def packed_linears(model, rows: int):
     """Within the block, the model's eligible linears (see the module docstring) compute
     with packed weights; ``rows`` is the batch the packing is tuned for (any batch works).
     The plain weights are back, bit for bit, on exit, also after an error. A block opened
-    inside another on the same model (two decodes interleaved) finds the freed layers
-    already packed and leaves them to the outer one."""
+    inside another on the same model (two decodes interleaved) leaves the layers the outer
+    one packed to it, so each layer is packed and restored once."""
     if not available():
         yield
         return
@@ -98,6 +98,6 @@ def packed_linears(model, rows: int):
     finally:
         with torch.no_grad():
             for module, packed in done:
-                vars(module).pop("forward", None)  # a nested decode on the same model may have taken it already
+                del module.forward
                 if packed is not None:
                     module.weight.data = packed.to_dense()
