@@ -117,6 +117,46 @@ def test_mined_positives_twin_each_mined_restart_with_a_drift_that_restarts_the_
         TrainExtras(mined_positives=True)
 
 
+def test_unpushed_negatives_repeat_each_drift_without_the_push_and_mark_its_restart_unlikely(tmp_path):
+    """``unpushed_negatives``: each self-correction row comes back as a negative with the
+    same drift and restart, no direction (so the trainer does not push it), the restart's
+    tokens marked unlikely and nothing of the answer trained; normal rows get none."""
+    from datasets import load_from_disk
+
+    from esr_train.training.steered import row_steer_ids, steer_subjects
+    from esr_train.training.tokenize import IGNORE, tokenize_row
+    from esr_train.training.trainer import with_false_restarts
+    from esr_train.zoo import load_tokenizer
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "How do you cook rice?", "answer": "Rinse the rice. Boil it for fifteen minutes.", "split": "train"},
+        {"prompt": "How do you boil an egg?", "answer": "Boil water first.", "distraction": "Owls hunt at night.",
+         "subject": "owls", "split": "train"},
+        {"prompt": "How do you give feedback?", "answer": "Be specific.", "distraction": "Mars is red.",
+         "subject": "mars", "split": "train"},
+    ]), encoding="utf-8")
+    build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
+    split = load_from_disk(str(tmp_path / "ds"))["train"]
+    plain, n_plain, _ = with_false_restarts(split, seed=0, max_sentences=3)
+    rows, n, _ = with_false_restarts(split, seed=0, max_sentences=3, unpushed=True)
+    assert n == n_plain + 2 and len(rows) == len(plain) + 2
+    unpushed = [r for r in rows if r["id"].endswith("-unpushed")]
+    positives = {r["prompt"]: r for r in split if r["kind"] == "self_correction"}
+    assert sorted(r["prompt"] for r in unpushed) == sorted(positives)
+    for r in unpushed:
+        twin = positives[r["prompt"]]
+        assert r["kind"] == "false_restart" and (r["distraction"], r["restart"]) == (twin["distraction"], twin["restart"])
+    assert row_steer_ids(unpushed, steer_subjects(rows)) == [-1, -1]
+    tok = load_tokenizer("smollm2-135m")
+    enc = tokenize_row(unpushed[0], tok, max_length=256)
+    assert tok.decode([t for t in enc["unlikely"] if t != IGNORE]).strip() == unpushed[0]["restart"]
+    assert enc["n_loss_tokens"] == 0
+    with pytest.raises(Exception, match="unpushed_negatives"):
+        TrainExtras(unpushed_negatives=True, unlikelihood_weight=1.0)
+    TrainExtras(unpushed_negatives=True, unlikelihood_weight=1.0, steer_strength=0.1)
+
+
 def test_unlikely_tokens_mark_only_the_start_of_a_false_restart_and_end_the_row_there():
     """``unlikely_tokens=M``: a negative row keeps its opener as context and marks only the
     restart's first M tokens (nothing after them is in the row, so no later restart token is

@@ -68,11 +68,17 @@ class TrainExtras:
         "help": "pair each mined false restart with a self-correction row restarting with the same phrase"})
     unlikely_tokens: int | None = field(default=None, metadata={
         "help": "make only each false restart's first N tokens unlikely (null: the whole restart phrase)"})
+    unpushed_negatives: bool = field(default=False, metadata={
+        "help": "add each self-correction row again without the push, its restart made unlikely, so the push "
+                "and not the drifted text is the cue to restart (needs steer_strength and unlikelihood_weight)"})
 
     def __post_init__(self) -> None:
         if self.mined_positives and not self.unlikelihood_weight:
             raise RecipeError("train.mined_positives pairs the mined negatives of unlikelihood training: it needs "
                               "train.unlikelihood_weight > 0")
+        if self.unpushed_negatives and not (self.unlikelihood_weight and self.steer_strength):
+            raise RecipeError("train.unpushed_negatives contrasts pushed and unpushed copies of each drift: it needs "
+                              "train.unlikelihood_weight > 0 and train.steer_strength > 0")
         if self.unlikely_tokens is not None and self.unlikely_tokens < 1:
             raise RecipeError(f"train.unlikely_tokens must be >= 1 or null, got {self.unlikely_tokens}")
         if self.unlikelihood_weight < 0 or self.false_restart_sentences < 1:

@@ -75,6 +75,21 @@ def mined_negative_rows(mined, columns) -> list[dict[str, Any]]:
             for i, r in enumerate(mined)]
 
 
+def unpushed_negative_rows(rows) -> list[dict[str, Any]]:
+    """One negative per self-correction row: the same drift as context and the same restart
+    made unlikely, but trained without the push (only self-correction rows are pushed).
+
+    Why: the adapters' remaining false restarts mostly follow drifts and errors of their own
+    (R27-R34 in docs/results.md), text much like the training distractions. A positive and
+    its unpushed twin share every token, so the only thing that can tell the adapter to
+    restart in one and not the other is the push in its residual stream, which is what
+    resisting *steering* means; the text alone stops being a cue."""
+    return [{**row, "id": f"{row.get('id', i)}-unpushed", "kind": FALSE_RESTART, "answer": "", "subject": ""}
+            for i, row in enumerate(rows)
+            if row.get("kind") == "self_correction" and (row.get("distraction") or "").strip()
+            and (row.get("restart") or "").strip()]
+
+
 def mined_positive_rows(mined, rows, seed: int) -> list[dict[str, Any]]:
     """One self-correction row per mined false restart, restarting with the mined phrase
     after off-topic text: a copy of a self-correction row of the same prompt (any one when
