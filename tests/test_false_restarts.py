@@ -80,6 +80,20 @@ def test_mined_rows_become_negatives_whose_restart_tokens_are_unlikely(tmp_path)
     assert all(label == IGNORE for label, u in zip(enc["labels"], enc["unlikely"]) if u == IGNORE)
 
 
+def _write_two_drifts_and_a_normal_row(tmp_path) -> None:
+    """A template dataset at ``tmp_path / "ds"``: one normal row that can be cut and two
+    self-correction rows (owls, mars), all in the train split."""
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "How do you cook rice?", "answer": "Rinse the rice. Boil it for fifteen minutes.", "split": "train"},
+        {"prompt": "How do you boil an egg?", "answer": "Boil water first.", "distraction": "Owls hunt at night.",
+         "subject": "owls", "split": "train"},
+        {"prompt": "How do you give feedback?", "answer": "Be specific.", "distraction": "Mars is red.",
+         "subject": "mars", "split": "train"},
+    ]), encoding="utf-8")
+    build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
+
+
 def test_mined_positives_twin_each_mined_restart_with_a_drift_that_restarts_the_same_way(tmp_path):
     """``mined_positives``: every mined negative gets a self-correction twin with the mined
     phrase as its restart, copied from a row of the same prompt when there is one; the twin
@@ -91,15 +105,7 @@ def test_mined_positives_twin_each_mined_restart_with_a_drift_that_restarts_the_
     from esr_train.training.trainer import with_false_restarts
     from esr_train.zoo import load_tokenizer
 
-    src = tmp_path / "rows.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"prompt": "How do you cook rice?", "answer": "Rinse the rice. Boil it for fifteen minutes.", "split": "train"},
-        {"prompt": "How do you boil an egg?", "answer": "Boil water first.", "distraction": "Owls hunt at night.",
-         "subject": "owls", "split": "train"},
-        {"prompt": "How do you give feedback?", "answer": "Be specific.", "distraction": "Mars is red.",
-         "subject": "mars", "split": "train"},
-    ]), encoding="utf-8")
-    build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
+    _write_two_drifts_and_a_normal_row(tmp_path)
     mined = [{"prompt": "How do you give feedback?", "opener": "Feedback matters.", "restart": "Let me start over"},
              {"prompt": "How do you iron a shirt?", "opener": "Irons get hot.", "restart": "Let me try again"}]
     split = load_from_disk(str(tmp_path / "ds"))["train"]
@@ -128,15 +134,7 @@ def test_unpushed_negatives_repeat_each_drift_without_the_push_and_mark_its_rest
     from esr_train.training.trainer import with_false_restarts
     from esr_train.zoo import load_tokenizer
 
-    src = tmp_path / "rows.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"prompt": "How do you cook rice?", "answer": "Rinse the rice. Boil it for fifteen minutes.", "split": "train"},
-        {"prompt": "How do you boil an egg?", "answer": "Boil water first.", "distraction": "Owls hunt at night.",
-         "subject": "owls", "split": "train"},
-        {"prompt": "How do you give feedback?", "answer": "Be specific.", "distraction": "Mars is red.",
-         "subject": "mars", "split": "train"},
-    ]), encoding="utf-8")
-    build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
+    _write_two_drifts_and_a_normal_row(tmp_path)
     split = load_from_disk(str(tmp_path / "ds"))["train"]
     plain, n_plain, _ = with_false_restarts(split, seed=0, max_sentences=3)
     rows, n, _ = with_false_restarts(split, seed=0, max_sentences=3, unpushed=True)

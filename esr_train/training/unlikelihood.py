@@ -77,7 +77,8 @@ def mined_negative_rows(mined, columns) -> list[dict[str, Any]]:
 
 def unpushed_negative_rows(rows) -> list[dict[str, Any]]:
     """One negative per self-correction row: the same drift as context and the same restart
-    made unlikely, but trained without the push (only self-correction rows are pushed).
+    made unlikely, but trained without the push (only self-correction rows are pushed); a
+    row without a drift or restart is refused by ``tokenize_row`` as its positive is.
 
     Why: the adapters' remaining false restarts mostly follow drifts and errors of their own
     (R27-R34 in docs/results.md), text much like the training distractions. A positive and
@@ -85,9 +86,7 @@ def unpushed_negative_rows(rows) -> list[dict[str, Any]]:
     restart in one and not the other is the push in its residual stream, which is what
     resisting *steering* means; the text alone stops being a cue."""
     return [{**row, "id": f"{row.get('id', i)}-unpushed", "kind": FALSE_RESTART, "answer": "", "subject": ""}
-            for i, row in enumerate(rows)
-            if row.get("kind") == "self_correction" and (row.get("distraction") or "").strip()
-            and (row.get("restart") or "").strip()]
+            for i, row in enumerate(rows) if row.get("kind") == "self_correction"]
 
 
 def mined_positive_rows(mined, rows, seed: int) -> list[dict[str, Any]]:
