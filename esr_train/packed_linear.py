@@ -96,7 +96,9 @@ def packed_linears(model, rows: int):
                     module.weight.data = module.weight.data.new_empty(0)
         yield
     finally:
-        with torch.no_grad():
+        # outside inference mode: a decode runs in it, and weights restored there would be
+        # inference tensors that a later training step on the same model cannot save for backward
+        with torch.inference_mode(False), torch.no_grad():
             for module, packed in done:
                 del module.forward
                 if packed is not None:

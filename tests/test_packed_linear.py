@@ -136,3 +136,16 @@ def test_two_interleaved_decodes_on_one_model_leave_it_whole(monkeypatch):
     assert [got[i] for i in range(len(PROMPTS))] == alone
     assert _same(_weights(model), before)
     assert "forward" not in vars(model.lm_head)
+
+
+def test_a_model_decoded_under_inference_mode_can_be_trained_after():
+    """The decode runs under ``torch.inference_mode``; weights restored there would be
+    inference tensors, and a later training step on the same model (``esr train`` builds
+    its steering directions by decoding with the model it then trains) fails with
+    "Inference tensors cannot be saved for backward"."""
+    model = wide_llama()
+    decode(model, PROMPTS[:2], max_new_tokens=3, batch_size=2)
+    assert not any(p.is_inference() for p in model.parameters())
+    x = torch.randn(2, 128, requires_grad=True)
+    model.model.layers[0].mlp.up_proj(x).sum().backward()
+    assert x.grad is not None
