@@ -80,8 +80,10 @@ def unpushed_negative_rows(rows) -> list[dict[str, Any]]:
     made unlikely, but trained without the push (only self-correction rows are pushed); a
     row without a drift or restart is refused by ``tokenize_row`` as its positive is.
 
-    Why: the adapters' remaining false restarts mostly follow drifts and errors of their own
-    (R27-R34 in docs/results.md), text much like the training distractions. A positive and
+    Why: after the mined rounds, the adapters' remaining false restarts mostly follow drifts and
+    errors of their own (Gemma R34 in docs/results.md), text much like the training
+    distractions. Round one's follow on-topic openers instead, so there it changed nothing
+    (R36). A positive and
     its unpushed twin share every token, so the only thing that can tell the adapter to
     restart in one and not the other is the push in its residual stream, which is what
     resisting *steering* means; the text alone stops being a cue."""
