@@ -234,6 +234,12 @@ def load_model(
     padding, dtype chosen for the machine (see ``esr_train.dtype``).
 
     ``quantization`` is passed to transformers as ``quantization_config`` (QLoRA).
+
+    Hub kernels stay off (``use_kernels=False``). transformers 5.2x turns them on by default
+    and, on a GPU, swaps layer forwards for kernels that the ``kernels`` package fetches from
+    the hub at load time: a load that needs the network (offline it fails, as does a machine
+    without ``kernels``: seen on an H200, 2026-12-04) and numerics other than those the
+    steering and decoding tests check.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -247,7 +253,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     path = resolve_model_path(name_or_path, root)
     tokenizer = load_tokenizer(name_or_path, root)
-    kwargs = {"dtype": torch_dtype, "local_files_only": _hub_offline()}
+    kwargs = {"dtype": torch_dtype, "local_files_only": _hub_offline(), "use_kernels": False}
     if quantization is not None:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 

@@ -6,6 +6,8 @@ into a full-precision copy of its base, and steered decoding on the GPU. The mod
 random-init Llama built from a config and saved as a local model directory (the form a hub
 checkpoint takes on disk), with the bundled SmolLM2 tokenizer and its chat template, so the
 same code runs that runs for ``meta-llama/Llama-3.1-8B-Instruct``; no weights are downloaded.
+The checks' own transformers loads pass ``use_kernels=False`` as ``esr_train.zoo.load_model``
+does: a GPU load otherwise fetches hub kernels, which an offline machine cannot.
 """
 
 from __future__ import annotations
@@ -125,9 +127,9 @@ def test_qlora_adapter_merges_into_a_full_precision_base(model_dir, dataset, tmp
     adapter = tmp_path / "adapter"
     train(_recipe(model_dir, quantization="4bit"), adapter, dataset_dir=dataset)
     merged_dir = merge(adapter, tmp_path / "merged", dtype="bfloat16")
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).cuda().eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16, use_kernels=False).cuda().eval()
     assert getattr(merged.config, "quantization_config", None) is None
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, use_kernels=False).cuda().eval()
     ids = torch.tensor([[1, 200, 300, 400, 500]], device="cuda")
     with torch.no_grad():
         plain = base(ids).logits.float()
@@ -165,7 +167,7 @@ def test_deepspeed_configs_train_and_save_a_filled_adapter(model_dir, dataset, t
 
     out, summary = _launch(config, _recipe(model_dir, quantization=bits), tmp_path, dataset)
     _assert_trained_adapter(out, summary)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, use_kernels=False)
     tuned = PeftModel.from_pretrained(base, str(out))
     shapes = {n: tuple(p.shape) for n, p in tuned.named_parameters() if "lora_A" in n}
     assert shapes and all(s == (8, 256) for n, s in shapes.items() if "q_proj" in n)

@@ -86,3 +86,16 @@ def test_cli_error_is_one_line():
     assert out.returncode == 1
     lines = [l for l in out.stderr.splitlines() if l.startswith("esr steer: error")]
     assert len(lines) == 1 and "unknown model 'nope'" in lines[0]
+
+
+def test_models_load_without_hub_kernels(tmp_path):
+    """transformers kernelizes by default and, on a GPU, fetches hub kernels at load time;
+    esr-train's loads stay offline and on the forwards its tests check."""
+    from esr_train.zoo import load_model, load_tokenizer
+    from tests.conftest import tiny_llama
+
+    tok = load_tokenizer("smollm2-135m")
+    tiny_llama(vocab_size=len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), dtype="float32", device="cpu")
+    assert model.use_kernels is False
