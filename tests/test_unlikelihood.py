@@ -42,6 +42,23 @@ def test_negatives_pair_each_cuttable_normal_row_with_a_restart_from_the_data():
         false_restart_rows(ROWS[:2], seed=0)
 
 
+def test_every_cut_gives_one_negative_at_each_opening_sentence_and_one_cut_is_unchanged():
+    every = false_restart_rows(ROWS, seed=0, max_sentences=3, every_cut=True)
+    assert [r["distraction"] for r in every] == [ANSWER[:c] for c in opener_cuts(ANSWER, 3)]
+    assert all(r["kind"] == FALSE_RESTART and r["answer"] == "" for r in every)
+    assert false_restart_rows(ROWS, seed=3, max_sentences=3) == false_restart_rows(ROWS, seed=3, max_sentences=3,
+                                                                                  every_cut=False)
+
+
+def test_false_restart_cuts_names_its_choices():
+    from esr_train.config import RecipeError
+    from esr_train.training.recipe import TrainExtras
+
+    assert TrainExtras(false_restart_cuts="every").false_restart_cuts == "every"
+    with pytest.raises(RecipeError, match="false_restart_cuts must be one of one, every, got 'all'"):
+        TrainExtras(false_restart_cuts="all")
+
+
 def test_unlikelihood_is_minus_log_one_minus_p_on_marked_positions_only():
     log_probs = torch.log(torch.tensor([[0.5, 0.9, 0.1], [0.99, 0.2, 1.0]]))
     mask = torch.tensor([[True, False, True], [False, True, True]])

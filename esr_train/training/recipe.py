@@ -33,6 +33,9 @@ class ModelSection:
             raise RecipeError(f"model.quantization must be 4bit, 8bit or null, got {self.quantization!r}")
 
 
+FALSE_RESTART_CUTS = ("one", "every")
+"""Where each normal row's unlikelihood negatives go (``train.false_restart_cuts``)."""
+
 STEER_SPANS = ("all", "until_answer")
 """Which tokens of a self-correction row the training push covers (``train.steer_span``)."""
 
@@ -64,6 +67,9 @@ class TrainExtras:
                 "by unlikelihood at this weight (0: off)"})
     false_restart_sentences: int = field(default=3, metadata={
         "help": "the false restarts follow one of the normal answer's first N sentences"})
+    false_restart_cuts: str = field(default="one", metadata={
+        "help": "one: each normal row's false restart follows one of those sentences, drawn at random; "
+                "every: one false restart after each of them"})
     mined_positives: bool = field(default=False, metadata={
         "help": "pair each mined false restart with a self-correction row restarting with the same phrase"})
     unlikely_tokens: int | None = field(default=None, metadata={
@@ -91,6 +97,9 @@ class TrainExtras:
                                                     or self.steer_strength_max < self.steer_strength):
             raise RecipeError(f"train.steer_strength_max ({self.steer_strength_max}) needs a steer_strength at or "
                               f"below it (got {self.steer_strength})")
+        if self.false_restart_cuts not in FALSE_RESTART_CUTS:
+            raise RecipeError(f"train.false_restart_cuts must be one of {', '.join(FALSE_RESTART_CUTS)}, "
+                              f"got {self.false_restart_cuts!r}")
         if self.steer_span not in STEER_SPANS:
             raise RecipeError(f"train.steer_span must be one of {', '.join(STEER_SPANS)}, got {self.steer_span!r}")
 

@@ -96,7 +96,7 @@ def load_training_data(paths: list[Path]):
 
 
 def with_false_restarts(split, seed: int, max_sentences: int, mined=(), mined_positives: bool = False,
-                        unpushed: bool = False):
+                        unpushed: bool = False, every_cut: bool = False):
     """``split`` plus one false-restart negative per normal row that can be cut
     (``esr_train.training.unlikelihood``) and one per ``mined`` row (the writer's own
     false restarts, ``data_gen.false_restarts``), with ``unpushed`` one per self-correction
@@ -107,7 +107,7 @@ def with_false_restarts(split, seed: int, max_sentences: int, mined=(), mined_po
     from esr_train.training.unlikelihood import (false_restart_rows, mined_negative_rows, mined_positive_rows,
                                                  unpushed_negative_rows)
 
-    negatives = false_restart_rows(split, seed, max_sentences) + mined_negative_rows(mined, split.column_names)
+    negatives = false_restart_rows(split, seed, max_sentences, every_cut) + mined_negative_rows(mined, split.column_names)
     if unpushed:
         negatives += unpushed_negative_rows(split)
     twins = mined_positive_rows(mined, split, seed) if mined_positives and mined else []
@@ -163,7 +163,8 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
             raise TrainError(str(exc)) from None
         ds["train"], negatives, twins = with_false_restarts(ds["train"], int(sft_kwargs.get("seed", 0)),
                                                             extras.false_restart_sentences, mined,
-                                                            extras.mined_positives, extras.unpushed_negatives)
+                                                            extras.mined_positives, extras.unpushed_negatives,
+                                                            extras.false_restart_cuts == "every")
     tok = load_tokenizer(section.name)
     max_length = int(sft_kwargs.get("max_length") or 512)
     steer_cols: dict[str, dict] = {}
@@ -255,7 +256,8 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
                      "subjects": len(subjects)} if extras.steer_strength else None,
         "unlikelihood": {"weight": extras.unlikelihood_weight, "false_restart_rows": negatives, "mined_rows": len(mined),
                          "mined_positive_rows": twins, "unpushed_negatives": extras.unpushed_negatives,
-                         "sentences": extras.false_restart_sentences, "unlikely_tokens": extras.unlikely_tokens}
+                         "sentences": extras.false_restart_sentences, "cuts": extras.false_restart_cuts,
+                         "unlikely_tokens": extras.unlikely_tokens}
         if extras.unlikelihood_weight else None,
     }
     atomic_write_json(out / "esr_train_summary.json", summary)

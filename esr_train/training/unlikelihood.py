@@ -42,10 +42,15 @@ def opener_cuts(answer: str, max_sentences: int) -> list[int]:
     return [e for e in ends[:max_sentences] if answer[e:].strip()]
 
 
-def false_restart_rows(rows, seed: int, max_sentences: int = 3) -> list[dict[str, Any]]:
+def false_restart_rows(rows, seed: int, max_sentences: int = 3, every_cut: bool = False) -> list[dict[str, Any]]:
     """One negative per normal row that has a place to cut: its answer up to a sentence
     end, then a restart phrase from the self-correction rows of the same data, both chosen
-    by ``seed``. Rows too short to cut are skipped (counted by the caller)."""
+    by ``seed``. Rows too short to cut are skipped (counted by the caller).
+
+    With ``every_cut`` a row gives one negative at each of its cuts instead of one at a
+    random cut: negatives after the first sentence only moved the round-one tic to the
+    second and third sentences (docs/results.md R37), so every boundary the tic can use
+    gets its own negative."""
     rows = list(rows)
     restarts = sorted({r["restart"].strip() for r in rows if r.get("kind") == "self_correction" and r.get("restart")})
     if not restarts:
@@ -59,8 +64,9 @@ def false_restart_rows(rows, seed: int, max_sentences: int = 3) -> list[dict[str
         cuts = opener_cuts(answer, max_sentences)
         if not cuts:
             continue
-        out.append({**row, "kind": FALSE_RESTART, "distraction": answer[:rng.choice(cuts)],
-                    "restart": rng.choice(restarts), "answer": "", "subject": ""})
+        for cut in cuts if every_cut else [rng.choice(cuts)]:
+            out.append({**row, "kind": FALSE_RESTART, "distraction": answer[:cut],
+                        "restart": rng.choice(restarts), "answer": "", "subject": ""})
     return out
 
 
