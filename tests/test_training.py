@@ -283,7 +283,7 @@ def test_unlikelihood_makes_restarts_after_on_topic_openers_less_likely(tmp_path
                         dataset_dir=tmp_path / "ds") for name, w in (("control", 1e-9), ("ul", WEIGHT))}
     assert runs["ul"]["unlikelihood"] == {"weight": WEIGHT, "false_restart_rows": 3, "mined_rows": 0,
                                                "mined_positive_rows": 0, "unpushed_negatives": False, "sentences": 3,
-                                               "unlikely_tokens": None}
+                                               "cuts": "one", "unlikely_tokens": None}
     assert runs["ul"]["tokenize"]["train"]["rows_kept"] == 8 and runs["ul"]["tokenize"]["train"]["unlikely_tokens"] > 0
     negatives = false_restart_rows(load_from_disk(str(tmp_path / "ds"))["train"], seed=0)
     scores = {}
