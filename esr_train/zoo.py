@@ -143,7 +143,7 @@ def prepare_model(name: str, root: str | os.PathLike | None = None, force: bool 
         log.info("dequantising %s from %s (one-off, cached afterwards)", name, gguf)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, use_kernels=False  # see load_model
         )
         config = quantized.config
         if hasattr(config, "quantization_config"):

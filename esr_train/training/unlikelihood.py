@@ -48,9 +48,9 @@ def false_restart_rows(rows, seed: int, max_sentences: int = 3, every_cut: bool 
     by ``seed``. Rows too short to cut are skipped (counted by the caller).
 
     With ``every_cut`` a row gives one negative at each of its cuts instead of one at a
-    random cut: negatives after the first sentence only moved the round-one tic to the
-    second and third sentences (docs/results.md R37), so every boundary the tic can use
-    gets its own negative."""
+    random cut. It is the control of docs/results.md R37: negatives after the first
+    sentence alone seemed to move the round-one tic to later sentences, yet one at every
+    boundary left the rate unchanged too (16/200), so placement is not the lever."""
     rows = list(rows)
     restarts = sorted({r["restart"].strip() for r in rows if r.get("kind") == "self_correction" and r.get("restart")})
     if not restarts:
