@@ -196,7 +196,7 @@ def build_dataset(cfg: GenerateConfig, out_dir: str | Path, backend_impl=None) -
                                      _bank_split(all_subjects, split, cfg.test_size, "subject"), phrases,
                                      counts[split]["self_correction"], counts[split]["normal"], rng)
         if cfg.backend == "self":
-            backend_impl = _self_backend(cfg, out, backend_impl, stage_s)
+            backend_impl = self_backend(cfg, out, backend_impl, stage_s)
             rows = _run_self(plans, counts, rejected, backend_impl, stage_s)
             if cfg.restart_probes:
                 train_prompts = [p["prompt"] for p in _bank_split(all_prompts, "train", cfg.test_size, "prompt")]
@@ -234,7 +234,7 @@ def _self_model(cfg: GenerateConfig):
     return model, tok, f"{cfg.model}+adapter:{weights_fingerprint(model)}"
 
 
-def _self_backend(cfg: GenerateConfig, out: Path, backend_impl, stage_s: Counter):
+def self_backend(cfg: GenerateConfig, out: Path, backend_impl, stage_s: Counter):
     """``backend_impl`` when given (benchmarks, tests), else the zoo model's backend."""
     from data_gen.backends.self_backend import SelfBackend, SelfConfig
 

@@ -10,14 +10,21 @@ answers per training prompt (the evaluation's temperature and horizon) from the 
 language becomes a row: the on-topic text before the restart as context, the restart span
 as the tokens to make unlikely.
 
+``cut_openers`` takes the probe answers that did *not* restart: each is cut after one of
+its first sentences and a restart phrase of the data follows, so the negatives carry the
+writer's own on-topic openers, not the base model's (docs/results.md R37 found negatives
+cut from the base model's answers leave the round-one tic where it was). ``esr probe``
+(``data_gen.probe``) writes both kinds for a trained adapter in one sampling batch.
+
 The rows live in ``false_restarts.jsonl`` beside the dataset, not in its splits, so a plain
 SFT tool reading the dataset never trains *toward* them.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from esr_train.records import json_objects
 from eval.attempts import find_restarts
@@ -39,8 +46,32 @@ def mine(prompt: str, texts: Iterable[str], model: str, seed: int = 0) -> tuple[
         if not opener:
             bare += 1
             continue
-        rows.append({"prompt": prompt, "opener": opener, "restart": restart, "model": model, "seed": seed})
+        rows.append({"prompt": prompt, "opener": opener, "restart": restart, "model": model, "seed": seed,
+                     "source": "restart"})
     return rows, bare
+
+
+def cut_openers(prompt: str, texts: Iterable[str], restarts: Sequence[str], rng: random.Random, model: str,
+                seed: int = 0, max_sentences: int = 3, every_cut: bool = False) -> list[dict]:
+    """Negatives from the answers ``texts`` to ``prompt`` that have no restart language:
+    each cut after one of its first ``max_sentences`` sentences (all of them with
+    ``every_cut``), with a phrase from ``restarts`` as the restart to make unlikely. An
+    answer too short to cut gives nothing."""
+    from esr_train.training.unlikelihood import opener_cuts
+
+    if not restarts:
+        raise ValueError("cutting openers needs restart phrases (the data's self-correction rows)")
+    rows = []
+    for text in texts:
+        if find_restarts(text):
+            continue
+        cuts = opener_cuts(text, max_sentences)
+        if not cuts:
+            continue
+        for cut in cuts if every_cut else [rng.choice(cuts)]:
+            rows.append({"prompt": prompt, "opener": text[:cut].strip(), "restart": rng.choice(restarts),
+                         "model": model, "seed": seed, "source": "opener"})
+    return rows
 
 
 def read(dataset_dir: str | Path) -> list[dict]:

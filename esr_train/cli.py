@@ -129,6 +129,41 @@ def _generate(args) -> int:
     return 0
 
 
+def _add_probe(sub) -> None:
+    from data_gen.builder import GenerateConfig
+    from data_gen.probe import OPENERS
+    from esr_train.config import add_dataclass_arguments
+
+    p = sub.add_parser("probe", help="sample an adapter's unpushed answers on a dataset's training prompts and write "
+                                     "the dataset again with its false restarts (and cut openers) as negatives",
+                       description="Reads the recipe's 'data' section like esr generate; --adapter is the writer, "
+                                   "--restart_probes the samples per prompt (default 1).")
+    p.add_argument("recipe", nargs="?", help="recipe YAML; its 'data' section (and model.name) are read")
+    p.add_argument("--dataset", required=True, help="dataset directory to probe on and copy (esr generate's output)")
+    p.add_argument("--out", "--output_dir", dest="out", required=True, help="new dataset directory to write")
+    p.add_argument("--openers", choices=OPENERS, default="one",
+                   help="negatives cut from the answers that did not restart: none, one random cut, or every cut")
+    p.add_argument("--opener_sentences", type=int, default=3, help="cut after one of the first N sentences")
+    add_dataclass_arguments(p, GenerateConfig)
+    p.set_defaults(func=_probe)
+
+
+def _probe(args) -> int:
+    from data_gen.builder import GenerateConfig
+    from data_gen.probe import format_probe_summary, probe_dataset
+    from esr_train.config import build, load_recipe, section_with_overrides
+
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    model = (recipe or {}).get("model", {}).get("name")
+    values = section_with_overrides(recipe, "data", args, GenerateConfig, extra={"model": model})
+    values["restart_probes"] = args.restart_probes or 1  # the recipe's data section is round one's: no probes
+    cfg = build(GenerateConfig, values, f"{args.recipe}: data" if args.recipe else "esr probe")
+    summary = probe_dataset(cfg, args.dataset, args.out, args.openers, args.opener_sentences)
+    print(format_probe_summary(summary))
+    print(f"dataset: {args.out} (train it with --unlikelihood_weight)")
+    return 0
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA adapter on a generated dataset (TRL SFTTrainer + PEFT)",
                        description="Any recipe key can be overridden: --learning_rate 1e-4 --max_steps 20 --r 8 ...")
@@ -386,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_steer(sub)
     _add_generate(sub)
+    _add_probe(sub)
     _add_train(sub)
     _add_sweep(sub)
     _add_merge(sub)
