@@ -267,7 +267,8 @@ def _restart_log_prob(model, tok, negatives) -> float:
 def test_unlikelihood_makes_restarts_after_on_topic_openers_less_likely(tmp_path):
     """One negative per cuttable normal row is added; against a control that trains the
     same rows in the same order with a negligible weight, the adapter trained with
-    unlikelihood gives the restart after an on-topic opener a lower probability."""
+    unlikelihood gives the restart after an on-topic opener a lower probability, and so
+    does one trained with the hinge of ``unlikely_floor``."""
     from datasets import load_from_disk
     from peft import PeftModel
 
@@ -279,11 +280,12 @@ def test_unlikelihood_makes_restarts_after_on_topic_openers_less_likely(tmp_path
     src.write_text("".join(json.dumps(r) + "\n" for r in UL_ROWS), encoding="utf-8")
     build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
     fast = {**RECIPE["train"], "max_steps": 4, "save_steps": 4, "eval_split": None}
-    runs = {name: train({**RECIPE, "train": {**fast, "unlikelihood_weight": w}}, tmp_path / name,
-                        dataset_dir=tmp_path / "ds") for name, w in (("control", 1e-9), ("ul", WEIGHT))}
+    runs = {name: train({**RECIPE, "train": {**fast, "unlikelihood_weight": w, "unlikely_floor": floor}},
+                        tmp_path / name, dataset_dir=tmp_path / "ds")
+            for name, w, floor in (("control", 1e-9, None), ("ul", WEIGHT, None), ("hinge", WEIGHT, 1e-3))}
     assert runs["ul"]["unlikelihood"] == {"weight": WEIGHT, "false_restart_rows": 3, "mined_rows": 0,
                                                "mined_positive_rows": 0, "unpushed_negatives": False, "sentences": 3,
-                                               "cuts": "one", "unlikely_tokens": None}
+                                               "cuts": "one", "unlikely_tokens": None, "floor": None}
     assert runs["ul"]["tokenize"]["train"]["rows_kept"] == 8 and runs["ul"]["tokenize"]["train"]["unlikely_tokens"] > 0
     negatives = false_restart_rows(load_from_disk(str(tmp_path / "ds"))["train"], seed=0)
     scores = {}
@@ -292,3 +294,6 @@ def test_unlikelihood_makes_restarts_after_on_topic_openers_less_likely(tmp_path
         scores[name] = _restart_log_prob(PeftModel.from_pretrained(base, str(tmp_path / name)), tok, negatives)
     print(scores)
     assert scores["ul"] < scores["control"] - 0.3, scores
+    # the hinge (unlikely_floor) reaches the loss: same rows, order and seed, other weights
+    assert scores["hinge"] < scores["control"] - 0.3 and abs(scores["hinge"] - scores["ul"]) > 1e-3, scores
+    assert runs["hinge"]["unlikelihood"]["floor"] == 1e-3

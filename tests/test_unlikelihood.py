@@ -68,3 +68,26 @@ def test_unlikelihood_is_minus_log_one_minus_p_on_marked_positions_only():
     lp.retain_grad()
     unlikelihood_loss(lp[None], torch.tensor([[True]])).backward()
     assert lp.grad.item() == pytest.approx(0.7 / 0.3, rel=1e-4)  # pushes log p down
+
+
+def test_unlikely_floor_is_a_hinge_on_log_p_that_keeps_pushing_small_probabilities():
+    """``unlikely_floor`` t: max(0, log p - log t) per marked position. At p = 0.03 (a
+    round-one tic's restart token) -log(1 - p) has a gradient of about 0.03 on log p, the
+    hinge one of 1; below t the hinge is zero and pushes nothing."""
+    from esr_train.config import RecipeError
+    from esr_train.training.recipe import TrainExtras
+
+    log_probs = torch.log(torch.tensor([[0.5, 0.03, 0.0005]]))
+    mask = torch.tensor([[True, True, True]])
+    expected = math.log(0.5 / 0.001) + math.log(0.03 / 0.001)  # 0.0005 < t: nothing
+    assert unlikelihood_loss(log_probs, mask, floor=0.001).item() == pytest.approx(expected, rel=1e-4)
+    grads = {}
+    for floor in (None, 0.001):
+        lp = torch.log(torch.tensor([0.03, 0.0005]))
+        lp.requires_grad_(True)
+        unlikelihood_loss(lp[None], torch.tensor([[True, True]]), floor=floor).backward()
+        grads[floor] = lp.grad.tolist()
+    assert grads[None][0] == pytest.approx(0.03 / 0.97, rel=1e-4) and grads[0.001] == [1.0, 0.0]
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(RecipeError, match="unlikely_floor must be a probability"):
+            TrainExtras(unlikely_floor=bad)

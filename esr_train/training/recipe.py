@@ -74,6 +74,9 @@ class TrainExtras:
         "help": "pair each mined false restart with a self-correction row restarting with the same phrase"})
     unlikely_tokens: int | None = field(default=None, metadata={
         "help": "make only each false restart's first N tokens unlikely (null: the whole restart phrase)"})
+    unlikely_floor: float | None = field(default=None, metadata={
+        "help": "null: the unlikelihood loss -log(1 - p); a probability t in (0, 1): the hinge max(0, log p - log t) "
+                "instead, whose gradient stays near 1 until p is below t (that of -log(1 - p) is about p)"})
     unpushed_negatives: bool = field(default=False, metadata={
         "help": "add each self-correction row again without the push, its restart made unlikely, so the push "
                 "and not the drifted text is the cue to restart (needs steer_strength and unlikelihood_weight)"})
@@ -87,6 +90,8 @@ class TrainExtras:
                               "train.unlikelihood_weight > 0 and train.steer_strength > 0")
         if self.unlikely_tokens is not None and self.unlikely_tokens < 1:
             raise RecipeError(f"train.unlikely_tokens must be >= 1 or null, got {self.unlikely_tokens}")
+        if self.unlikely_floor is not None and not 0.0 < self.unlikely_floor < 1.0:
+            raise RecipeError(f"train.unlikely_floor must be a probability in (0, 1) or null, got {self.unlikely_floor}")
         if self.unlikelihood_weight < 0 or self.false_restart_sentences < 1:
             raise RecipeError(f"train.unlikelihood_weight must be >= 0 and train.false_restart_sentences >= 1, got "
                               f"{self.unlikelihood_weight} and {self.false_restart_sentences}")

@@ -230,6 +230,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         trainer_cls = SFTTrainer
     if extras.unlikelihood_weight:
         trainer_cls, common["unlikelihood_weight"] = trainer_class(trainer_cls), extras.unlikelihood_weight
+        common["unlikely_floor"] = extras.unlikely_floor
     trainer = trainer_cls(**common)
     with labelled_positions_only():
         t0 = time.perf_counter()
@@ -257,7 +258,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "unlikelihood": {"weight": extras.unlikelihood_weight, "false_restart_rows": negatives, "mined_rows": len(mined),
                          "mined_positive_rows": twins, "unpushed_negatives": extras.unpushed_negatives,
                          "sentences": extras.false_restart_sentences, "cuts": extras.false_restart_cuts,
-                         "unlikely_tokens": extras.unlikely_tokens}
+                         "unlikely_tokens": extras.unlikely_tokens, "floor": extras.unlikely_floor}
         if extras.unlikelihood_weight else None,
     }
     atomic_write_json(out / "esr_train_summary.json", summary)
