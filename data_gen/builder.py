@@ -261,11 +261,7 @@ def _probe_restarts(cfg: GenerateConfig, backend_impl, prompts: list[str], stage
 
     with _timed(stage_s, "restart_probes"):
         texts = backend_impl.probe(prompts, cfg.restart_probes)
-    rows, bare = [], 0
-    for prompt in prompts:
-        got, no_opener = false_restarts.mine(prompt, texts[prompt], backend_impl.label, cfg.seed)
-        rows += got
-        bare += no_opener
+    rows, bare = false_restarts.mine_each(texts, backend_impl.label, cfg.seed)
     return {"rows": rows, "samples": len(prompts) * cfg.restart_probes, "restarted": len(rows) + bare,
             "no_opener": bare}
 

@@ -51,6 +51,16 @@ def mine(prompt: str, texts: Iterable[str], model: str, seed: int = 0) -> tuple[
     return rows, bare
 
 
+def mine_each(texts: dict[str, list[str]], model: str, seed: int = 0) -> tuple[list[dict], int]:
+    """:func:`mine` over every prompt's samples ``texts`` (prompt -> answers), in order."""
+    rows, bare = [], 0
+    for prompt, answers in texts.items():
+        got, no_opener = mine(prompt, answers, model, seed)
+        rows += got
+        bare += no_opener
+    return rows, bare
+
+
 def cut_openers(prompt: str, texts: Iterable[str], restarts: Sequence[str], rng: random.Random, model: str,
                 seed: int = 0, max_sentences: int = 3, every_cut: bool = False) -> list[dict]:
     """Negatives from the answers ``texts`` to ``prompt`` that have no restart language:

@@ -18,6 +18,7 @@ skipped.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -38,9 +39,9 @@ def probe_dataset(cfg: GenerateConfig, dataset_dir: str | Path, out_dir: str | P
     """Probe ``cfg``'s writer (``cfg.adapter`` on ``cfg.model``) on the training prompts of
     ``dataset_dir`` and write the dataset with the new negatives to ``out_dir``; returns
     the summary. ``backend_impl`` lets a caller pass a ready self backend."""
-    import json
-
     from datasets import load_from_disk
+
+    from esr_train.training.unlikelihood import restart_phrases
 
     src, out = Path(dataset_dir), Path(out_dir)
     if openers not in OPENERS:
@@ -63,22 +64,18 @@ def probe_dataset(cfg: GenerateConfig, dataset_dir: str | Path, out_dir: str | P
     t0 = time.perf_counter()
     train = load_from_disk(str(src))["train"]
     prompts = list(dict.fromkeys(train["prompt"]))
-    restarts = sorted({r.strip() for r, k in zip(train["restart"], train["kind"]) if k == "self_correction" and r})
+    restarts = restart_phrases(train)
     if openers != "none" and not restarts:
         raise GenerateError(f"{src}: no self-correction rows, so no restart phrases to put after the openers")
     stage_s: Counter = Counter()
     backend = self_backend(cfg, out, backend_impl, stage_s)
     texts = backend.probe(prompts, cfg.restart_probes)
 
+    mined, bare = false_restarts.mine_each(texts, backend.label, cfg.seed)
     rng = random.Random(cfg.seed)
-    mined, cut, bare = [], [], 0
-    for prompt in prompts:
-        got, no_opener = false_restarts.mine(prompt, texts[prompt], backend.label, cfg.seed)
-        mined += got
-        bare += no_opener
-        if openers != "none":
-            cut += false_restarts.cut_openers(prompt, texts[prompt], restarts, rng, backend.label, cfg.seed,
-                                              opener_sentences, openers == "every")
+    cut = [] if openers == "none" else [
+        row for prompt in prompts for row in false_restarts.cut_openers(
+            prompt, texts[prompt], restarts, rng, backend.label, cfg.seed, opener_sentences, openers == "every")]
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # incomplete until the summary is back

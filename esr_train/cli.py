@@ -115,14 +115,23 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_generate)
 
 
-def _generate(args) -> int:
-    from data_gen.builder import GenerateConfig, build_dataset, format_summary
+def _data_config(args, command: str, **fixed):
+    """The GenerateConfig of ``esr generate`` / ``esr probe``: the recipe's ``data`` section
+    (and model.name), then the flags given, then the values ``fixed`` by the command."""
+    from data_gen.builder import GenerateConfig
     from esr_train.config import build, load_recipe, section_with_overrides
 
     recipe = load_recipe(args.recipe) if args.recipe else None
     model = (recipe or {}).get("model", {}).get("name")
     values = section_with_overrides(recipe, "data", args, GenerateConfig, extra={"model": model})
-    cfg = build(GenerateConfig, values, f"{args.recipe}: data" if args.recipe else "esr generate")
+    values.update(fixed)
+    return build(GenerateConfig, values, f"{args.recipe}: data" if args.recipe else command)
+
+
+def _generate(args) -> int:
+    from data_gen.builder import build_dataset, format_summary
+
+    cfg = _data_config(args, "esr generate")
     summary = build_dataset(cfg, args.out)
     print(format_summary(summary))
     print(f"dataset: {args.out} (datasets.load_from_disk), JSONL: {args.out}/train.jsonl, {args.out}/test.jsonl")
@@ -149,15 +158,10 @@ def _add_probe(sub) -> None:
 
 
 def _probe(args) -> int:
-    from data_gen.builder import GenerateConfig
     from data_gen.probe import format_probe_summary, probe_dataset
-    from esr_train.config import build, load_recipe, section_with_overrides
 
-    recipe = load_recipe(args.recipe) if args.recipe else None
-    model = (recipe or {}).get("model", {}).get("name")
-    values = section_with_overrides(recipe, "data", args, GenerateConfig, extra={"model": model})
-    values["restart_probes"] = args.restart_probes or 1  # the recipe's data section is round one's: no probes
-    cfg = build(GenerateConfig, values, f"{args.recipe}: data" if args.recipe else "esr probe")
+    # a recipe's data section is round one's, without probes: the flag or 1
+    cfg = _data_config(args, "esr probe", restart_probes=args.restart_probes or 1)
     summary = probe_dataset(cfg, args.dataset, args.out, args.openers, args.opener_sentences)
     print(format_probe_summary(summary))
     print(f"dataset: {args.out} (train it with --unlikelihood_weight)")

@@ -42,6 +42,12 @@ def opener_cuts(answer: str, max_sentences: int) -> list[int]:
     return [e for e in ends[:max_sentences] if answer[e:].strip()]
 
 
+def restart_phrases(rows) -> list[str]:
+    """The distinct restart phrases of the self-correction rows among ``rows``, sorted: the
+    phrases a false restart is given after an on-topic opener."""
+    return sorted({r["restart"].strip() for r in rows if r.get("kind") == "self_correction" and r.get("restart")})
+
+
 def false_restart_rows(rows, seed: int, max_sentences: int = 3, every_cut: bool = False) -> list[dict[str, Any]]:
     """One negative per normal row that has a place to cut: its answer up to a sentence
     end, then a restart phrase from the self-correction rows of the same data, both chosen
@@ -52,7 +58,7 @@ def false_restart_rows(rows, seed: int, max_sentences: int = 3, every_cut: bool 
     sentence alone seemed to move the round-one tic to later sentences, yet one at every
     boundary left the rate unchanged too (16/200), so placement is not the lever."""
     rows = list(rows)
-    restarts = sorted({r["restart"].strip() for r in rows if r.get("kind") == "self_correction" and r.get("restart")})
+    restarts = restart_phrases(rows)
     if not restarts:
         raise ValueError("unlikelihood_weight needs self-correction rows: their restart phrases are the negatives")
     rng = random.Random(seed)
