@@ -121,6 +121,11 @@ def test_mined_positives_twin_each_mined_restart_with_a_drift_that_restarts_the_
     assert trained.strip().startswith("Let me start over Be specific.") and set(enc["unlikely"]) == {IGNORE}
     with pytest.raises(Exception, match="mined_positives"):
         TrainExtras(mined_positives=True)
+    # the other keys that shape unlikelihood refuse it off too, not pass silently (R39's review)
+    for key, value in (("unlikely_tokens", 2), ("unlikely_floor", 1e-3)):
+        with pytest.raises(Exception, match=f"train.{key} .*unlikelihood_weight > 0"):
+            TrainExtras(**{key: value})
+        assert getattr(TrainExtras(unlikelihood_weight=1.0, **{key: value}), key) == value
 
 
 def test_unpushed_negatives_repeat_each_drift_without_the_push_and_mark_its_restart_unlikely(tmp_path):

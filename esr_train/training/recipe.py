@@ -85,6 +85,10 @@ class TrainExtras:
         if self.mined_positives and not self.unlikelihood_weight:
             raise RecipeError("train.mined_positives pairs the mined negatives of unlikelihood training: it needs "
                               "train.unlikelihood_weight > 0")
+        for name in ("unlikely_tokens", "unlikely_floor"):
+            if getattr(self, name) is not None and not self.unlikelihood_weight:
+                raise RecipeError(f"train.{name} shapes the unlikelihood loss, which is off: it needs "
+                                  "train.unlikelihood_weight > 0")
         if self.unpushed_negatives and not (self.unlikelihood_weight and self.steer_strength):
             raise RecipeError("train.unpushed_negatives contrasts pushed and unpushed copies of each drift: it needs "
                               "train.unlikelihood_weight > 0 and train.steer_strength > 0")
