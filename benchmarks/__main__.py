@@ -6,7 +6,7 @@ same rows as a JSON list of objects (keys in ``benchmarks.report.ROW_KEYS``; rat
 shares as fractions). Baselines and ceilings are measured in the same run (the machine is
 noisy; ratios travel, absolute numbers do not), except the pipeline's 600 s target.
 
-Full run: steered generation (the 98 test prompts at batch 64, <= 256 new tokens), LoRA training (4 steps),
+Full run: steered generation (the 98 test prompts x 2 concepts at batch 128, <= 256 new tokens), LoRA training (4 steps),
 on-policy data generation (48 rows) and ``esr pipeline recipes/quick.yaml`` (about 10
 minutes; skip it with ``--no-pipeline``). ``--quick``: 16 prompts at batch 8, <= 48
 tokens, naive baselines on 2 prompts / 2 transcripts, 2 train steps, 8 rows with answers
@@ -44,7 +44,7 @@ def main(argv=None) -> list[dict]:
     # quick: batch 8 < 16 prompts, so refill still has freed slots to fill; tok/s is a rate, so
     # the naive baseline on 2 prompts is the same measure as on 4, only noisier
     rows += steer_bench.measure(["--n", "16", "--tokens", "48", "--batch-size", "8", "--naive", "2"] if args.quick
-                                else ["--n", "128", "--tokens", "256", "--batch-size", "64"])
+                                else [])  # steer_bench's defaults: 196 trials at the recipes' eval batch of 128 (P19)
     took("steer_bench")
     rows += train_bench.measure(["--steps", "2" if args.quick else "4"])
     took("train_bench")
