@@ -15,12 +15,14 @@ head tied to the input embeddings cannot be freed (the embedding lookup reads it
 is packed as a copy only when it is at most ``TIED_HEAD_SHARE`` of the model (SmolLM2:
 0.21, 113 MB in float32; Gemma 3 270M's 262k-token head is 0.63 and stays plain).
 
-Scope: float32 weights on a CPU with oneDNN, in inference (no gradient through the packed
+Scope: float32 or bfloat16 weights (``PACKED_DTYPES``) on a CPU with oneDNN, in inference (no gradient through the packed
 product), for linears at least ``MIN_FEATURES`` wide on both sides (PEFT's LoRA A/B
 matrices stay plain, their base layers are packed). Inside the block a
 packed layer answers any number of rows, prefill included; code that reads a packed
-layer's ``weight`` directly meanwhile sees an empty tensor. bfloat16 is left on its
-plain path: its speed here was not measured on a machine that runs it natively.
+layer's ``weight`` directly meanwhile sees an empty tensor. bfloat16 is packed too: on a
+2-core Intel with AVX-512 BF16 and AMX, where ``auto`` is bfloat16, the steered decode of 196 trials at batch 128 ran at 808
+against 697 tok/s plain (1.16x, alternated in one process) with 64 of 64 greedy answers
+identical (P21).
 ``ESR_PACKED_LINEAR=0`` turns it off.
 """
 
@@ -32,6 +34,7 @@ from contextlib import contextmanager
 import torch
 
 TIED_HEAD_SHARE = 0.25
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 MIN_FEATURES = 128
 
 
@@ -55,7 +58,7 @@ def _candidates(model) -> list[tuple[torch.nn.Linear, bool]]:
         if type(module) is not torch.nn.Linear or "lora_" in name or "forward" in vars(module):
             continue  # not a plain linear, a LoRA matrix, or already packed by an enclosing block
         w = module.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or min(w.shape) < MIN_FEATURES:
+        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES or min(w.shape) < MIN_FEATURES:
             continue
         tied = w.data_ptr() in embedded
         if tied and w.numel() > TIED_HEAD_SHARE * total:

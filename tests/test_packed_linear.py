@@ -149,3 +149,19 @@ def test_a_model_decoded_under_inference_mode_can_be_trained_after():
     x = torch.randn(2, 128, requires_grad=True)
     model.model.layers[0].mlp.up_proj(x).sum().backward()
     assert x.grad is not None
+
+
+def test_bfloat16_layers_are_packed_and_come_back_bit_for_bit():
+    """bfloat16, the ``auto`` dtype on CPUs with native bf16, packs too: the same logits
+    to bf16 rounding (oneDNN may sum in another order than MKL), the weights restored exactly."""
+    model = wide_llama().to(torch.bfloat16)
+    before = _weights(model)
+    assert pl._candidates(model), "bf16 linears are candidates"
+    ids = torch.tensor([PROMPTS[0]] * 3)
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits.float()
+        with pl.packed_linears(model, rows=3):
+            assert model.model.layers[0].mlp.up_proj.weight.numel() == 0
+            packed = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(packed, plain, atol=3e-2, rtol=3e-2)
+    assert _same(_weights(model), before)
