@@ -90,4 +90,4 @@ def test_unlikely_floor_is_a_hinge_on_log_p_that_keeps_pushing_small_probabiliti
     assert grads[None][0] == pytest.approx(0.03 / 0.97, rel=1e-4) and grads[0.001] == [1.0, 0.0]
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(RecipeError, match="unlikely_floor must be a probability"):
-            TrainExtras(unlikely_floor=bad, unlikelihood_weight=1.0)
+            TrainExtras(unlikely_floor=bad)

@@ -82,13 +82,6 @@ class TrainExtras:
                 "and not the drifted text is the cue to restart (needs steer_strength and unlikelihood_weight)"})
 
     def __post_init__(self) -> None:
-        if self.mined_positives and not self.unlikelihood_weight:
-            raise RecipeError("train.mined_positives pairs the mined negatives of unlikelihood training: it needs "
-                              "train.unlikelihood_weight > 0")
-        for name in ("unlikely_tokens", "unlikely_floor"):
-            if getattr(self, name) is not None and not self.unlikelihood_weight:
-                raise RecipeError(f"train.{name} shapes the unlikelihood loss, which is off: it needs "
-                                  "train.unlikelihood_weight > 0")
         if self.unpushed_negatives and not (self.unlikelihood_weight and self.steer_strength):
             raise RecipeError("train.unpushed_negatives contrasts pushed and unpushed copies of each drift: it needs "
                               "train.unlikelihood_weight > 0 and train.steer_strength > 0")
@@ -99,6 +92,10 @@ class TrainExtras:
         if self.unlikelihood_weight < 0 or self.false_restart_sentences < 1:
             raise RecipeError(f"train.unlikelihood_weight must be >= 0 and train.false_restart_sentences >= 1, got "
                               f"{self.unlikelihood_weight} and {self.false_restart_sentences}")
+        for name in ("mined_positives", "unlikely_tokens", "unlikely_floor"):
+            if getattr(self, name) not in (None, False) and not self.unlikelihood_weight:
+                raise RecipeError(f"train.{name} shapes unlikelihood training, which is off: it needs "
+                                  "train.unlikelihood_weight > 0")
         for name in ("answer_loss_tokens", "normal_loss_tokens", "normal_skip_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise RecipeError(f"train.{name} must be >= 0 or null, got {getattr(self, name)}")
