@@ -15,14 +15,15 @@ head tied to the input embeddings cannot be freed (the embedding lookup reads it
 is packed as a copy only when it is at most ``TIED_HEAD_SHARE`` of the model (SmolLM2:
 0.21, 113 MB in float32; Gemma 3 270M's 262k-token head is 0.63 and stays plain).
 
-Scope: float32 or bfloat16 weights (``PACKED_DTYPES``) on a CPU with oneDNN, in inference (no gradient through the packed
-product), for linears at least ``MIN_FEATURES`` wide on both sides (PEFT's LoRA A/B
+Scope: float32 weights, and bfloat16 ones on a CPU with native bf16 (:func:`packed_dtypes`),
+with oneDNN, in inference (no gradient through the packed product), for linears at least ``MIN_FEATURES`` wide on both sides (PEFT's LoRA A/B
 matrices stay plain, their base layers are packed). Inside the block a
 packed layer answers any number of rows, prefill included; code that reads a packed
-layer's ``weight`` directly meanwhile sees an empty tensor. bfloat16 is packed too: on a
-2-core Intel with AVX-512 BF16 and AMX, where ``auto`` is bfloat16, the steered decode of 196 trials at batch 128 ran at 808
-against 697 tok/s plain (1.16x, alternated in one process) with 64 of 64 greedy answers
-identical (P21).
+layer's ``weight`` directly meanwhile sees an empty tensor. On a 2-core Intel with AVX-512
+BF16 and AMX, where ``auto`` is bfloat16, packing the bf16 linears took the steered decode
+of 196 trials at batch 128 from 697 to 808 tok/s (1.16x, alternated in one process) with 64
+of 64 greedy answers identical (P21). Without native bf16 (AVX2 only) bf16 stays plain:
+oneDNN's bf16 there was never measured, and ``auto`` picks float32 on such a CPU anyway.
 ``ESR_PACKED_LINEAR=0`` turns it off.
 """
 
@@ -34,7 +35,6 @@ from contextlib import contextmanager
 import torch
 
 TIED_HEAD_SHARE = 0.25
-PACKED_DTYPES = (torch.float32, torch.bfloat16)
 MIN_FEATURES = 128
 
 
@@ -42,6 +42,13 @@ def available() -> bool:
     """oneDNN's packed linear is in this torch build and not turned off."""
     return (os.environ.get("ESR_PACKED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def packed_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes packed on this CPU: float32, and bfloat16 where it is native."""
+    from esr_train.dtype import cpu_has_native_bf16
+
+    return (torch.float32, torch.bfloat16) if cpu_has_native_bf16() else (torch.float32,)
 
 
 def _embedding_storages(model) -> set[int]:
@@ -53,12 +60,13 @@ def _candidates(model) -> list[tuple[torch.nn.Linear, bool]]:
     embedding's, so it is packed as a copy and never freed."""
     total = sum(p.numel() for p in model.parameters())
     embedded = _embedding_storages(model)
+    dtypes = packed_dtypes()
     out = []
     for name, module in model.named_modules():
         if type(module) is not torch.nn.Linear or "lora_" in name or "forward" in vars(module):
             continue  # not a plain linear, a LoRA matrix, or already packed by an enclosing block
         w = module.weight
-        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES or min(w.shape) < MIN_FEATURES:
+        if w.device.type != "cpu" or w.dtype not in dtypes or min(w.shape) < MIN_FEATURES:
             continue
         tied = w.data_ptr() in embedded
         if tied and w.numel() > TIED_HEAD_SHARE * total:
