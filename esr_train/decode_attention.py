@@ -9,7 +9,9 @@ built once per machine with ``torch.utils.cpp_extension``) reads each cached key
 row once for all the query heads that share it, with the mask and the softmax in the same
 pass (each a torch op of its own cost as much as the products at these sizes). Scores and
 sums are float32 whatever the cache's dtype (float32 or
-bfloat16), as SDPA's CPU kernel keeps them.
+bfloat16), as SDPA's CPU kernel keeps them. Where the CPU has AVX-512, a task whose query
+heads fit in registers (SmolLM2: 3 heads of 64) keeps them and its output rows there; the
+AVX2 loops had left a bf16 cache no faster than a float32 one (P22).
 
 Only CPU decode steps in inference take it (one query token, a float32 or bfloat16 cache,
 a boolean mask or none); prefill, training, GPUs and anything else go to transformers'
@@ -40,8 +42,10 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 def _flags() -> list[str]:
     from esr_train.dtype import cpu_flags
 
-    if platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= cpu_flags():
-        return ["-O3", "-fopenmp", "-mavx2", "-mfma"]
+    flags = cpu_flags()
+    if platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= flags:
+        # AVX-512 where the CPU has it: the kernel's register-blocked path (P22)
+        return ["-O3", "-fopenmp", "-mavx2", "-mfma"] + (["-mavx512f"] if "avx512f" in flags else [])
     return ["-O3", "-fopenmp"]
 
 

@@ -147,6 +147,79 @@ inline float softmax_numerators(float* s, int64_t n) {
   return sum;
 }
 
+#ifdef __AVX512F__
+// AVX-512 path for one (row, key/value head) task when the R query heads' D-wide rows fit in
+// registers (R * D / 16 <= 16: SmolLM2's R 3, D 64): the queries stay in registers while each
+// key row is read once, and the R output rows are accumulated in registers while each value
+// row is read once, so no partial sums go through memory. On a 2-core Intel with AVX-512 the
+// AVX2 loops above ran a bf16 cache no faster than a float32 one (16 against 32 GB/s of
+// cache read): they were bound by instructions, not memory (docs/performance.md P22).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+template <typename T, int R, int C>
+void attend_task512(const float* q, const T* kbase, int64_t kw, const T* vbase, int64_t vw, const uint8_t* mrow,
+                    int64_t mcol, float scale, int64_t W, float* s, float* o) {
+  constexpr int64_t D = 16 * C;
+  __m512 qv[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) qv[r][c] = _mm512_mul_ps(_mm512_loadu_ps(q + r * D + 16 * c), _mm512_set1_ps(scale));
+  for (int64_t w = 0; w < W; ++w) {
+    const T* kr = kbase + w * kw;
+    __m512 kc[C];
+    for (int c = 0; c < C; ++c) kc[c] = load16(kr + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      __m512 acc = _mm512_mul_ps(qv[r][0], kc[0]);
+      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[r][c], kc[c], acc);
+      s[r * W + w] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  if (mrow != nullptr)
+    for (int64_t c = 0; c < W; ++c)
+      if (!mrow[c * mcol])
+        for (int r = 0; r < R; ++r) s[r * W + c] = -std::numeric_limits<float>::infinity();
+  float inv[R];
+  for (int r = 0; r < R; ++r) {
+    const float sum = softmax_numerators(s + r * W, W);
+    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+  }
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < W; ++w) {
+    const T* vr = vbase + w * vw;
+    __m512 vc[C];
+    for (int c = 0; c < C; ++c) vc[c] = load16(vr + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(s[r * W + w]);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(p, vc[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(o + r * D + 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])));
+}
+
+template <typename T>
+using Task512 = void (*)(const float*, const T*, int64_t, const T*, int64_t, const uint8_t*, int64_t, float, int64_t,
+                         float*, float*);
+
+// The register-blocked task for R query heads of width D, or nullptr where they do not fit.
+template <typename T>
+Task512<T> task512(int64_t R, int64_t D) {
+#define ESR_TASK(r, c) if (R == r && D == 16 * c) return &attend_task512<T, r, c>;
+  ESR_TASK(1, 1) ESR_TASK(2, 1) ESR_TASK(3, 1) ESR_TASK(4, 1)
+  ESR_TASK(1, 2) ESR_TASK(2, 2) ESR_TASK(3, 2) ESR_TASK(4, 2)
+  ESR_TASK(1, 4) ESR_TASK(2, 4) ESR_TASK(3, 4) ESR_TASK(4, 4)
+  ESR_TASK(1, 8) ESR_TASK(2, 8)
+  ESR_TASK(1, 16)
+#undef ESR_TASK
+  return nullptr;
+}
+#endif
+
 template <typename T>
 void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const uint8_t* mask,
                  int64_t mask_row_stride, int64_t mask_col_stride, float scale, at::Tensor& out) {
@@ -157,6 +230,19 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   float* op = out.data_ptr<float>();
+#ifdef __AVX512F__
+  if (const Task512<T> task = task512<T>(R, D)) {
+    at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> s(R * W);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / G, g = i % G;
+        task(qp + i * R * D, kp + b * kb + g * kg, kw, vp + b * vb + g * vg, vw,
+             mask == nullptr ? nullptr : mask + b * mask_row_stride, mask_col_stride, scale, W, s.data(), op + i * R * D);
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(8 * D), qs(R * D), s(R * W);
     for (int64_t i = begin; i < end; ++i) {
