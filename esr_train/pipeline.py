@@ -194,7 +194,19 @@ def maxrss_mib(ru_maxrss: int) -> float:
 
 def peak_rss_mib() -> float:
     """This process's resident-set high-water mark so far, in MiB. Recorded after each
-    stage, it shows which stage set the pipeline's peak."""
+    stage, it shows which stage set the pipeline's peak.
+
+    On Linux it is ``VmHWM`` (of this process image). ``ru_maxrss`` is not: exec keeps the
+    high-water mark of the process that forked it, so a pipeline started from a large
+    process (``python -m benchmarks`` after its in-process benchmarks) read 5966 MiB where
+    it peaked at 3532 (docs/performance.md P22). Elsewhere, ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
     return round(maxrss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1)
 
 

@@ -210,3 +210,22 @@ def test_new_adapter_weights_set_the_old_eval_aside(pipeline) -> None:
     assert (run / "eval.stale-1" / "trials.jsonl").read_bytes() == old_trials  # kept, not mixed in
     new = [json.loads(line) for line in (run / "eval" / "trials.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(new) == 2 * (EVAL["trials"] + EVAL["unsteered_trials"])
+
+
+def test_peak_rss_is_the_pipeline_process_own_not_its_parent_s():
+    """A pipeline started from a large process (``python -m benchmarks`` after its
+    in-process benchmarks) must not report the parent's resident set as its own: exec keeps
+    the forking process's ``ru_maxrss``; ``peak_rss_mib`` reads this image's VmHWM."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc: peak_rss_mib falls back to ru_maxrss")
+    ballast = bytearray(1536 * 2**20)
+    ballast[:: 4096] = b"\x01" * len(range(0, len(ballast), 4096))  # resident, not just reserved
+    code = ("import resource; from esr_train.pipeline import peak_rss_mib; "
+            "print(peak_rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    own, inherited = float(out[0]), float(out[1])
+    assert inherited >= 1536 > own + 500, (own, inherited)
