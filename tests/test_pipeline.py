@@ -221,11 +221,11 @@ def test_peak_rss_is_the_pipeline_process_own_not_its_parent_s():
 
     if not Path("/proc/self/status").exists():
         pytest.skip("no /proc: peak_rss_mib falls back to ru_maxrss")
-    ballast = bytearray(1536 * 2**20)
-    ballast[:: 4096] = b"\x01" * len(range(0, len(ballast), 4096))  # resident, not just reserved
+    ballast = b"\x01" * (1536 * 2**20)  # written, so resident (zero pages would only be reserved)
     code = ("import resource; from esr_train.pipeline import peak_rss_mib; "
             "print(peak_rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    del ballast  # held until the child had run
     own, inherited = float(out[0]), float(out[1])
     assert inherited >= 1536 > own + 500, (own, inherited)

@@ -147,6 +147,20 @@ inline float softmax_numerators(float* s, int64_t n) {
   return sum;
 }
 
+// Each of R score rows (W wide, at s + r * W): masked columns (mrow[c * mcol] false) set to
+// -inf, then softmax_numerators in place; inv[r] = 1 / its sum (0 for a fully masked row).
+// mrow may be null (no mask).
+inline void masked_softmax_rows(float* s, int64_t R, int64_t W, const uint8_t* mrow, int64_t mcol, float* inv) {
+  if (mrow != nullptr)
+    for (int64_t c = 0; c < W; ++c)
+      if (!mrow[c * mcol])
+        for (int64_t r = 0; r < R; ++r) s[r * W + c] = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < R; ++r) {
+    const float sum = softmax_numerators(s + r * W, W);
+    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+  }
+}
+
 #ifdef __AVX512F__
 // AVX-512 path for one (row, key/value head) task when the R query heads' D-wide rows fit in
 // registers (R * D / 16 <= 16: SmolLM2's R 3, D 64): the queries stay in registers while each
@@ -177,15 +191,8 @@ void attend_task512(const float* q, const T* kbase, int64_t kw, const T* vbase, 
       s[r * W + w] = _mm512_reduce_add_ps(acc);
     }
   }
-  if (mrow != nullptr)
-    for (int64_t c = 0; c < W; ++c)
-      if (!mrow[c * mcol])
-        for (int r = 0; r < R; ++r) s[r * W + c] = -std::numeric_limits<float>::infinity();
   float inv[R];
-  for (int r = 0; r < R; ++r) {
-    const float sum = softmax_numerators(s + r * W, W);
-    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-  }
+  masked_softmax_rows(s, R, W, mrow, mcol, inv);
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -260,17 +267,8 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         const float* kr = as_float(kbase + w * kw, buf.data(), D);
         for (int64_t r = 0; r < R; ++r) s[r * W + w] = dot(qs.data() + r * D, kr, D);
       }
-      if (mask != nullptr) {
-        const uint8_t* mrow = mask + b * mask_row_stride;
-        for (int64_t c = 0; c < W; ++c)
-          if (!mrow[c * mask_col_stride])
-            for (int64_t r = 0; r < R; ++r) s[r * W + c] = -std::numeric_limits<float>::infinity();
-      }
       float inv[64];
-      for (int64_t r = 0; r < R; ++r) {
-        const float sum = softmax_numerators(s.data() + r * W, W);
-        inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-      }
+      masked_softmax_rows(s.data(), R, W, mask == nullptr ? nullptr : mask + b * mask_row_stride, mask_col_stride, inv);
       // weighted sum of the value rows
       float* obase = op + i * R * D;
       std::memset(obase, 0, sizeof(float) * R * D);
