@@ -23,30 +23,15 @@ build it, decoding keeps SDPA and says so once.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import platform
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-
 NAME = "esr_cpu_decode"
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
-
-
-def _flags() -> list[str]:
-    from esr_train.dtype import cpu_flags
-
-    flags = cpu_flags()
-    if platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= flags:
-        # AVX-512 where the CPU has it: the kernel's register-blocked path (P22)
-        return ["-O3", "-fopenmp", "-mavx2", "-mfma"] + (["-mavx512f"] if "avx512f" in flags else [])
-    return ["-O3", "-fopenmp"]
 
 
 @lru_cache(maxsize=2)
@@ -56,22 +41,9 @@ def load_kernel(cache_root: str | None = None):
     it cannot be built or is turned off."""
     if os.environ.get("ESR_DECODE_ATTENTION", "").lower() == "sdpa":
         return None
-    from esr_train.cache import cache_dir
+    from esr_train.native import build
 
-    flags = _flags()
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode())
-    name = f"esr_decode_attention_{digest.hexdigest()[:12]}"
-    build = cache_dir(cache_root) / "kernels" / name
-    build.mkdir(parents=True, exist_ok=True)
-    try:
-        from torch.utils.cpp_extension import load
-
-        return load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
-    except Exception as exc:  # no compiler, no ninja, a failed build: SDPA still decodes
-        log.warning("the CPU decode attention could not be built (%s); decoding with SDPA",
-                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
-        return None
+    return build("esr_decode_attention", SOURCE.name, "the CPU decode attention", cache_root)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
