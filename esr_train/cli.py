@@ -35,13 +35,16 @@ def _models(args) -> int:
             took = "cached" if is_prepared(entry.name, args.cache_dir) else "not prepared yet"
         print(f"{entry.name:14s} {entry.description}")
         print(f"{'':14s} steer layer {entry.default_layer}; {took}; {model_cache_path(entry.name, args.cache_dir)}")
-    if args.prepare:  # the CPU decode attention is compiled once per machine too
-        from esr_train.decode_attention import load_kernel
+    if args.prepare:  # the CPU kernels are compiled once per machine too
+        from esr_train.decode_attention import load_kernel as decode_kernel
+        from esr_train.training.logprob_tiles import load_kernel as head_kernel
 
-        t0 = time.perf_counter()
-        built = load_kernel(args.cache_dir) is not None
-        print(f"{'decode attn':14s} CPU decode-step attention kernel: "
-              f"{f'ready in {time.perf_counter() - t0:.1f}s' if built else 'not built, decoding uses SDPA'}")
+        for label, what, load, fallback in (
+                ("decode attn", "CPU decode-step attention kernel", decode_kernel, "decoding uses SDPA"),
+                ("log-prob head", "CPU folds of TRL's log-prob head", head_kernel, "training uses TRL's torch folds")):
+            t0 = time.perf_counter()
+            built = load(args.cache_dir) is not None
+            print(f"{label:14s} {what}: {f'ready in {time.perf_counter() - t0:.1f}s' if built else f'not built, {fallback}'}")
     return 0
 
 

@@ -140,6 +140,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     from esr_train.dtype import resolve_dtype
     from esr_train.training.adapter_casts import adapter_input_casts_off
     from esr_train.training.labelled_head import labelled_positions_only
+    from esr_train.training.logprob_tiles import compiled_logprob_tiles
     from esr_train.training.tokenize import tokenize_dataset
     from esr_train.training.unlikelihood import UNLIKELY_COLUMN, trainer_class
     from esr_train.zoo import load_model, load_tokenizer
@@ -233,7 +234,8 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         trainer_cls, common["unlikelihood_weight"] = trainer_class(trainer_cls), extras.unlikelihood_weight
         common["unlikely_floor"] = extras.unlikely_floor
     trainer = trainer_cls(**common)
-    with labelled_positions_only(), adapter_input_casts_off(trainer) as casts_off:
+    with labelled_positions_only(), compiled_logprob_tiles() as compiled_head, \
+            adapter_input_casts_off(trainer) as casts_off:
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=last if resume and last else None)
         wall = time.perf_counter() - t0
@@ -252,7 +254,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "tokenize": {"train": train_stats, "eval": eval_stats}, "answer_loss_tokens": extras.answer_loss_tokens,
         "normal_loss_tokens": extras.normal_loss_tokens, "normal_skip_tokens": extras.normal_skip_tokens,
         "dataset": data_fingerprint, "resumed_from": Path(last).name if resume and last else None,
-        "adapter_input_casts_off": casts_off,
+        "adapter_input_casts_off": casts_off, "compiled_logprob_tiles": compiled_head,
         "lora": {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_kwargs.items()},
         "steering": {"strength": extras.steer_strength, "strength_max": extras.steer_strength_max,
                      "schedule": extras.steer_schedule, "span": extras.steer_span,

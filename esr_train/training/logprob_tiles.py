@@ -1,0 +1,97 @@
+"""TRL's chunked LM head on CPU: its two per-tile folds in one compiled pass each.
+
+``SFTTrainer`` computes every trained token's log-probability (and entropy, and whether the
+label is the top token) through ``trl.kernels.ChunkedLogProbFunction``: the head's product is
+taken in [tokens x 32,768] tiles and each tile is folded into online log-sum-exp statistics by
+a Triton kernel on CUDA. Elsewhere TRL folds a tile with torch ops (``_forward_tile``,
+``_backward_tile``): about a dozen float32 passes over the tile each way (the cast, the
+logit scale and temperature even at 1.0, the max, exp, the entropy and top-1 terms). For 1,024
+tokens against SmolLM2's 49,152-entry vocabulary the head took 1.36 s forward and backward on
+the Intel bf16 machine, where the products alone took 0.36 s (docs/performance.md P23).
+
+``compiled_logprob_tiles`` puts ``csrc/logprob_tiles.cpp`` in their place for the length of
+a ``with`` block: the same statistics and gradients, one task per token, two passes over the
+row forward (the max, then the exps) and one backward, the exps 8 lanes at a time. The products,
+the chunking and the gradient GEMMs stay TRL's. Results agree with TRL's torch folds to float32
+rounding (``tests/test_logprob_tiles.py``), not bit for bit. Tiles the kernel does not take
+(not on CPU, float16, a final-logit softcap, views it cannot read) go to TRL's own fold, as
+does everything where the kernel cannot be built or ``ESR_LOGPROB_TILES=torch`` is set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from contextlib import contextmanager
+from functools import lru_cache
+
+import torch
+
+TRL_MODULE = "trl.kernels.chunked_logprob"
+
+
+@lru_cache(maxsize=2)
+def load_kernel(cache_root: str | None = None):
+    """The compiled folds (built once per machine into ``<cache>/kernels``), or None."""
+    if os.environ.get("ESR_LOGPROB_TILES", "").lower() == "torch":
+        return None
+    from esr_train.native import build
+
+    return build("esr_logprob_tiles", "logprob_tiles.cpp", "the CPU log-prob head folds", cache_root)
+
+
+def _takes(tile: torch.Tensor, softcap: bool, *stats: torch.Tensor) -> bool:
+    return (tile.device.type == "cpu" and tile.dtype in (torch.float32, torch.bfloat16) and tile.dim() == 2
+            and tile.stride(1) == 1 and not softcap
+            and all(s.dtype == torch.float32 and s.is_contiguous() for s in stats))
+
+
+def _folds(kernel, forward, backward):
+    """Replacements with the signatures of TRL's ``_forward_tile`` / ``_backward_tile``."""
+
+    def forward_tile(tile, tile_stride, targets, running_max, sum_exp, x_sum_exp, sq_sum_exp, z_sum,
+                     max_before_target, target_logit, vocab_start, n_cols, logit_scale, softcap, inv_t,
+                     HAS_SOFTCAP, HAS_ENTROPY, HAS_LOG_SUM_SQ_PROBS, HAS_MEAN_LOGITS, HAS_IS_TOP1, BLOCK_SIZE):
+        stats = (running_max, sum_exp, x_sum_exp, sq_sum_exp, z_sum, max_before_target, target_logit)
+        if not (_takes(tile, HAS_SOFTCAP, *stats) and tile.shape[1] == n_cols and targets.dtype == torch.long):
+            return forward(tile, tile_stride, targets, *stats, vocab_start, n_cols, logit_scale, softcap, inv_t,
+                           HAS_SOFTCAP=HAS_SOFTCAP, HAS_ENTROPY=HAS_ENTROPY, HAS_LOG_SUM_SQ_PROBS=HAS_LOG_SUM_SQ_PROBS,
+                           HAS_MEAN_LOGITS=HAS_MEAN_LOGITS, HAS_IS_TOP1=HAS_IS_TOP1, BLOCK_SIZE=BLOCK_SIZE)
+        kernel.forward_tile(tile, targets.contiguous(), *stats, int(vocab_start), float(logit_scale), float(inv_t),
+                            bool(HAS_ENTROPY), bool(HAS_LOG_SUM_SQ_PROBS), bool(HAS_MEAN_LOGITS), bool(HAS_IS_TOP1))
+
+    def backward_tile(tile, tile_stride, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start, n_cols,
+                      logit_scale, softcap, inv_t, HAS_SOFTCAP, HAS_LOGPROB_GRAD, HAS_ENTROPY_GRAD, BLOCK_SIZE):
+        if not (_takes(tile, HAS_SOFTCAP, log_z, entropy, grad_logprobs, grad_entropy) and tile.shape[1] == n_cols
+                and targets.dtype == torch.long):
+            return backward(tile, tile_stride, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start,
+                            n_cols, logit_scale, softcap, inv_t, HAS_SOFTCAP=HAS_SOFTCAP,
+                            HAS_LOGPROB_GRAD=HAS_LOGPROB_GRAD, HAS_ENTROPY_GRAD=HAS_ENTROPY_GRAD,
+                            BLOCK_SIZE=BLOCK_SIZE)
+        kernel.backward_tile(tile, targets.contiguous(), log_z, entropy, grad_logprobs, grad_entropy,
+                             int(vocab_start), float(logit_scale), float(inv_t), bool(HAS_LOGPROB_GRAD),
+                             bool(HAS_ENTROPY_GRAD))
+
+    return forward_tile, backward_tile
+
+
+@contextmanager
+def compiled_logprob_tiles():
+    """Inside the block, TRL's CPU tile folds are the compiled ones (see the module
+    docstring). Yields whether they are; with a TRL whose folds are not where this module
+    looks, or no kernel, nothing changes."""
+    try:
+        module = importlib.import_module(TRL_MODULE)
+    except ImportError:
+        yield False
+        return
+    forward, backward = getattr(module, "_forward_tile", None), getattr(module, "_backward_tile", None)
+    kernel = load_kernel() if forward is not None and backward is not None else None
+    if kernel is None:
+        yield False
+        return
+    module._forward_tile, module._backward_tile = _folds(kernel, forward, backward)
+    try:
+        yield True
+    finally:
+        module._forward_tile, module._backward_tile = forward, backward
