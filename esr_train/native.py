@@ -44,14 +44,15 @@ def build(stem: str, source: str, what: str, cache_root: str | None = None):
     headers = b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))  # included by the sources
     digest = hashlib.sha256(path.read_bytes() + headers + " ".join(flags).encode() + torch.__version__.encode())
     name = f"{stem}_{digest.hexdigest()[:12]}"
-    directory = cache_dir(cache_root) / "kernels" / name
-    directory.mkdir(parents=True, exist_ok=True)
     try:
         from torch.utils.cpp_extension import load
 
+        directory = cache_dir(cache_root) / "kernels" / name
+        directory.mkdir(parents=True, exist_ok=True)
+
         return load(name=name, sources=[str(path)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                     build_directory=str(directory), verbose=False)
-    except Exception as exc:  # no compiler, no ninja, a failed build: torch's own path stays
+    except Exception as exc:  # no compiler, no ninja, an unwritable cache, a failed build: torch's path stays
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         log.warning("%s could not be built (%s); using torch's path", what, reason)
         return None

@@ -140,3 +140,20 @@ def test_training_through_the_compiled_head(kernel, monkeypatch, tmp_path, bf16)
         torch.testing.assert_close(got[name], w, rtol=0, atol=1e-3 if bf16 else 1e-5, msg=name)
         moved += "lora_B" in name and bool(w.abs().max() > 1e-3)
     assert moved, "the adapters trained"
+
+
+def test_a_nan_logit_makes_the_loss_nan_as_with_trl(kernel, monkeypatch):
+    """One NaN column of the head: TRL's folds give NaN log-probabilities and gradients for
+    every token; the compiled folds must not hide it behind finite numbers."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 32, generator=g).requires_grad_(True)
+    weight = torch.randn(300, 32, generator=g)
+    weight[17] = float("nan")
+    targets = torch.randint(0, 300, (9,), generator=g)
+    _refuse_torch_folds(monkeypatch)
+    with lt.compiled_logprob_tiles():
+        lp, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, ("log_probs",))
+        lp.sum().backward()
+    assert torch.isnan(lp).all() and torch.isnan(hidden.grad).all()

@@ -90,6 +90,12 @@ void forward_row(const T* x, int64_t C, int64_t local, float scale, float inv_t,
     m = std::max(m, z[j]);
     zs += z[j];
   }
+  if (std::isnan(zs) || zs == -NEG_INF) {
+    // a NaN or +inf logit: TRL's statistics turn NaN (its max and exps propagate it), so do these
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    running_max = sum_exp = x_sum_exp = sq_sum_exp = z_sum = nan;
+    return;
+  }
   if (f.mean) z_sum += zs;
   if (f.top1) {
     const int64_t before = std::min(std::max<int64_t>(local, 0), C);

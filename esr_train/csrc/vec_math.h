@@ -5,10 +5,10 @@
 #include <limits>
 
 // exp(x) for x <= 0 (scores minus their maximum, log-probabilities), the Cephes single-precision polynomial
-// (about 1e-7 relative error); -inf gives 0.
+// (about 1e-7 relative error); -inf gives 0, NaN stays NaN.
 inline __m256 exp_nonpositive(__m256 x) {
   const __m256 is_ninf = _mm256_cmp_ps(x, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);  // x second: max_ps returns it when it is NaN
   __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
