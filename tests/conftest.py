@@ -10,6 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
+def built_kernel(load, fallback: str):
+    """One of esr-train's compiled CPU kernels (``load`` is its ``load_kernel``): skipped where
+    no C++ compiler is installed (the code keeps ``fallback``), and required to build where one is."""
+    import shutil
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip(f"no C++ compiler: {fallback}")
+    built = load()
+    assert built is not None, "a compiler is here, so the kernel must build"
+    return built
+
+
 SHARED = Path(os.environ.get("ESR_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 
 

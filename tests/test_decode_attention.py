@@ -3,7 +3,6 @@ that puts a model on it only while ``stream_decode`` runs."""
 
 from __future__ import annotations
 
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -11,16 +10,12 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from esr_train import decode_attention as da
-from tests.conftest import tiny_llama
+from tests.conftest import built_kernel, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: decoding keeps SDPA")
-    built = da.load_kernel()
-    assert built is not None, "a compiler is here, so the kernel must build"
-    return built
+    return built_kernel(da.load_kernel, "decoding keeps SDPA")
 
 
 def _case(batch, heads, groups, dim, width, dtype, mask: bool):

@@ -5,12 +5,12 @@ through them."""
 from __future__ import annotations
 
 import importlib
-import shutil
 
 import pytest
 import torch
 
 from esr_train.training import logprob_tiles as lt
+from tests.conftest import built_kernel
 
 trl_tiles = importlib.import_module(lt.TRL_MODULE)
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # the order TRL returns them
@@ -18,11 +18,7 @@ OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 @pytest.fixture(scope="module")
 def kernel():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: TRL's torch folds stay")
-    built = lt.load_kernel()
-    assert built is not None, "a compiler is here, so the folds must build"
-    return built
+    return built_kernel(lt.load_kernel, "TRL's torch folds stay")
 
 
 def _head(n, vocab, dtype, seed, chunk, outputs=OUTPUTS, autocast=None, scale=1.0, temperature=1.0):
@@ -104,7 +100,7 @@ def test_tiles_it_does_not_take_go_to_trl(kernel):
     plain = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 64, 30.0, 1.0, OUTPUTS)
     with lt.compiled_logprob_tiles():
         capped = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 64, 30.0, 1.0, OUTPUTS)
-        half = lt._takes(torch.zeros(2, 4, dtype=torch.float16), False)
+        half = lt._takes(torch.zeros(2, 4, dtype=torch.float16), 4, torch.zeros(2, dtype=torch.long), False)
     assert torch.equal(plain[0], capped[0])
     assert not half
 
@@ -142,18 +138,31 @@ def test_training_through_the_compiled_head(kernel, monkeypatch, tmp_path, bf16)
     assert moved, "the adapters trained"
 
 
-def test_a_nan_logit_makes_the_loss_nan_as_with_trl(kernel, monkeypatch):
-    """One NaN column of the head: TRL's folds give NaN log-probabilities and gradients for
-    every token; the compiled folds must not hide it behind finite numbers."""
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_inf_logit_gives_trl_s_outputs(kernel, monkeypatch, bad):
+    """One NaN (or +inf) column of the head: TRL's folds give NaN log-probabilities and
+    gradients for every token, and no top-1 flag; the compiled folds must not hide it behind
+    finite numbers. Every other row's label is its top finite logit, where a fold that skipped
+    the bad column would say top-1."""
     from trl.kernels import ChunkedLogProbFunction
 
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(9, 32, generator=g).requires_grad_(True)
-    weight = torch.randn(300, 32, generator=g)
-    weight[17] = float("nan")
-    targets = torch.randint(0, 300, (9,), generator=g)
+    def run():
+        g = torch.Generator().manual_seed(1)
+        hidden = torch.randn(9, 32, generator=g).requires_grad_(True)
+        weight = torch.randn(300, 32, generator=g)
+        targets = (hidden.detach() @ weight.T).argmax(-1)
+        targets[1::2] = torch.randint(0, 300, (4,), generator=g)
+        weight[17] = bad
+        out = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, OUTPUTS)
+        out[0].sum().backward()
+        return out, hidden.grad
+
+    expected, expected_grad = run()
     _refuse_torch_folds(monkeypatch)
     with lt.compiled_logprob_tiles():
-        lp, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, ("log_probs",))
-        lp.sum().backward()
-    assert torch.isnan(lp).all() and torch.isnan(hidden.grad).all()
+        got, got_grad = run()
+    assert torch.isnan(got[0]).all() and torch.isnan(got_grad).all()
+    assert torch.isnan(expected[0]).all() and torch.isnan(expected_grad).all()
+    assert torch.equal(got[-1], expected[-1]) and not got[-1].any()  # is_top1
+    for name, e, o in zip(OUTPUTS[:-1], expected[:-1], got[:-1]):
+        assert torch.equal(torch.isnan(o), torch.isnan(e)), name

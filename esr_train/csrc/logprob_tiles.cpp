@@ -90,7 +90,7 @@ void forward_row(const T* x, int64_t C, int64_t local, float scale, float inv_t,
     m = std::max(m, z[j]);
     zs += z[j];
   }
-  if (std::isnan(zs) || zs == -NEG_INF) {
+  if (std::isnan(zs) || (std::isinf(zs) && zs > 0.f)) {
     // a NaN or +inf logit: TRL's statistics turn NaN (its max and exps propagate it), so do these
     const float nan = std::numeric_limits<float>::quiet_NaN();
     running_max = sum_exp = x_sum_exp = sq_sum_exp = z_sum = nan;
@@ -189,6 +189,11 @@ void dispatch(const at::Tensor& tile, F&& fn) {
     fn(static_cast<float*>(nullptr));
 }
 
+const int64_t* target_ids(const at::Tensor& targets, int64_t n) {
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n, "targets: int64 [n]");
+  return targets.data_ptr<int64_t>();
+}
+
 float* f32(at::Tensor& t, int64_t n, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what, ": contiguous float32 [n]");
   return t.data_ptr<float>();
@@ -200,8 +205,7 @@ void forward_tile(at::Tensor tile, at::Tensor targets, at::Tensor running_max, a
                   bool sq, bool mean, bool top1) {
   check_tile(tile);
   const int64_t n = tile.size(0), C = tile.size(1), stride = tile.stride(0);
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n, "targets: int64 [n]");
-  const int64_t* tg = targets.data_ptr<int64_t>();
+  const int64_t* tg = target_ids(targets, n);
   float *rm = f32(running_max, n, "running_max"), *se = f32(sum_exp, n, "sum_exp"),
         *xs = f32(x_sum_exp, n, "x_sum_exp"), *ss = f32(sq_sum_exp, n, "sq_sum_exp"), *zs = f32(z_sum, n, "z_sum"),
         *mb = f32(max_before_target, n, "max_before_target"), *tl = f32(target_logit, n, "target_logit");
@@ -224,8 +228,7 @@ void backward_tile(at::Tensor tile, at::Tensor targets, at::Tensor log_z, at::Te
                    double inv_t, bool has_lp, bool has_ent) {
   check_tile(tile);
   const int64_t n = tile.size(0), C = tile.size(1), stride = tile.stride(0);
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == n, "targets: int64 [n]");
-  const int64_t* tg = targets.data_ptr<int64_t>();
+  const int64_t* tg = target_ids(targets, n);
   float *lz = f32(log_z, n, "log_z"), *en = f32(entropy, n, "entropy");
   float* glp = has_lp ? f32(grad_logprobs, n, "grad_logprobs") : nullptr;
   float* gent = has_ent ? f32(grad_entropy, n, "grad_entropy") : nullptr;

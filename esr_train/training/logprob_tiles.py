@@ -40,9 +40,10 @@ def load_kernel(cache_root: str | None = None):
     return build("esr_logprob_tiles", "logprob_tiles.cpp", "the CPU log-prob head folds", cache_root)
 
 
-def _takes(tile: torch.Tensor, softcap: bool, *stats: torch.Tensor) -> bool:
+def _takes(tile: torch.Tensor, n_cols: int, targets: torch.Tensor, softcap: bool, *stats: torch.Tensor) -> bool:
+    """Whether the compiled folds read this call's tensors; anything else goes to TRL's fold."""
     return (tile.device.type == "cpu" and tile.dtype in (torch.float32, torch.bfloat16) and tile.dim() == 2
-            and tile.stride(1) == 1 and not softcap
+            and tile.stride(1) == 1 and tile.shape[1] == n_cols and targets.dtype == torch.long and not softcap
             and all(s.dtype == torch.float32 and s.is_contiguous() for s in stats))
 
 
@@ -53,7 +54,7 @@ def _folds(kernel, forward, backward):
                      max_before_target, target_logit, vocab_start, n_cols, logit_scale, softcap, inv_t,
                      HAS_SOFTCAP, HAS_ENTROPY, HAS_LOG_SUM_SQ_PROBS, HAS_MEAN_LOGITS, HAS_IS_TOP1, BLOCK_SIZE):
         stats = (running_max, sum_exp, x_sum_exp, sq_sum_exp, z_sum, max_before_target, target_logit)
-        if not (_takes(tile, HAS_SOFTCAP, *stats) and tile.shape[1] == n_cols and targets.dtype == torch.long):
+        if not _takes(tile, n_cols, targets, HAS_SOFTCAP, *stats):
             return forward(tile, tile_stride, targets, *stats, vocab_start, n_cols, logit_scale, softcap, inv_t,
                            HAS_SOFTCAP=HAS_SOFTCAP, HAS_ENTROPY=HAS_ENTROPY, HAS_LOG_SUM_SQ_PROBS=HAS_LOG_SUM_SQ_PROBS,
                            HAS_MEAN_LOGITS=HAS_MEAN_LOGITS, HAS_IS_TOP1=HAS_IS_TOP1, BLOCK_SIZE=BLOCK_SIZE)
@@ -62,8 +63,7 @@ def _folds(kernel, forward, backward):
 
     def backward_tile(tile, tile_stride, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start, n_cols,
                       logit_scale, softcap, inv_t, HAS_SOFTCAP, HAS_LOGPROB_GRAD, HAS_ENTROPY_GRAD, BLOCK_SIZE):
-        if not (_takes(tile, HAS_SOFTCAP, log_z, entropy, grad_logprobs, grad_entropy) and tile.shape[1] == n_cols
-                and targets.dtype == torch.long):
+        if not _takes(tile, n_cols, targets, HAS_SOFTCAP, log_z, entropy, grad_logprobs, grad_entropy):
             return backward(tile, tile_stride, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start,
                             n_cols, logit_scale, softcap, inv_t, HAS_SOFTCAP=HAS_SOFTCAP,
                             HAS_LOGPROB_GRAD=HAS_LOGPROB_GRAD, HAS_ENTROPY_GRAD=HAS_ENTROPY_GRAD,
