@@ -213,6 +213,25 @@ def test_steered_training_pushes_self_correction_rows_through_backward(dataset, 
     assert abs(ranged["first_train_loss"] - steered["first_train_loss"]) > 1e-3
 
 
+def test_activation_checkpointing_is_off_by_default_and_changes_no_number(dataset, tmp_path):
+    """TRL's SFTConfig checkpoints activations by default; esr train turns it off (a third of
+    the step on a CPU, docs/performance.md P24). Recomputing the pushed blocks gives the same
+    adapter bit for bit, so the switch is speed only."""
+    from safetensors.torch import load_file
+
+    from esr_train.training.trainer import train
+
+    fast = {**RECIPE["train"], "max_steps": 3, "save_steps": 3, "eval_steps": 3, "steer_strength": 0.1,
+            "steer_strength_max": 1.0}
+    off = train({**RECIPE, "train": fast}, tmp_path / "off", dataset_dir=dataset)
+    on = train({**RECIPE, "train": {**fast, "activation_checkpointing": True}}, tmp_path / "on", dataset_dir=dataset)
+    assert off["activation_checkpointing"] is False and on["activation_checkpointing"] is True
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("off", "on"))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(w, torch.zeros_like(w)) for k, w in a.items() if "lora_B" in k)  # it trained
+
+
 def test_ranged_training_push_is_per_row_reproducible_and_checked():
     """Each step draws one strength per row inside the range, the same draws on a re-run
     (so a resumed run pushes as an uninterrupted one), new draws on the next step; a range
