@@ -48,6 +48,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from esr_train import token_choice
 from esr_train.decode_attention import decode_attention
 from esr_train.packed_linear import packed_linears
 
@@ -292,24 +293,43 @@ def _trim(rows: _Rows) -> None:
 
 # --------------------------------------------------------------------------- the loop
 
-def sample_rows(probs: torch.Tensor, generator=None) -> torch.Tensor:
+def sample_rows(probs: torch.Tensor, generator=None, rand: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``probs`` [B, V], drawn by inverse CDF: one uniform number per
     row and a binary search in the cumulative sum. ``torch.multinomial`` draws one
     exponential number per vocabulary entry instead; on a CPU that was 34 ms of a 220 ms
     decode step at batch 32 (docs/performance.md), this takes about a tenth of it.
     ``u`` lies in (0, total], so the first index whose cumulative sum reaches it always
-    has a positive probability (tokens a top-k/top-p warper zeroed are never drawn)."""
+    has a positive probability (tokens a top-k/top-p warper zeroed are never drawn).
+    ``rand`` [B, 1] gives the uniform numbers instead of drawing them from ``generator``."""
     cdf = probs.cumsum(dim=-1)
-    u = (1.0 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)) * cdf[:, -1:]
+    rand = token_choice.uniforms(probs.shape[0], generator, probs.device, cdf.dtype) if rand is None else rand
+    u = (1.0 - rand.to(cdf.dtype)) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
-def _choose(rows: _Rows, sampling: Sampling, generator) -> torch.Tensor:
-    """The next token of every row, as ``generate``'s greedy / multinomial step."""
-    scores = sampling.processors(rows.pad)(rows.ids, rows.logits)
+def _torch_choice(ids: torch.Tensor, pad: torch.Tensor, logits: torch.Tensor, sampling: Sampling, generator,
+                  rand: torch.Tensor | None = None) -> torch.Tensor:
+    """``generate``'s greedy / multinomial step with transformers' processors."""
+    scores = sampling.processors(pad)(ids, logits)
     if sampling.do_sample:
-        return sample_rows(torch.softmax(scores, dim=-1), generator)
+        return sample_rows(torch.softmax(scores, dim=-1), generator, rand)
     return scores.argmax(dim=-1)
+
+
+def _choose(rows: _Rows, sampling: Sampling, generator) -> torch.Tensor:
+    """The next token of every row: the compiled choice where it applies
+    (``esr_train.token_choice``), transformers' processors otherwise and for any row it
+    leaves to them."""
+    kernel = token_choice.load_kernel() if token_choice.takes(sampling, rows.logits) else None
+    if kernel is None:
+        return _torch_choice(rows.ids, rows.pad, rows.logits, sampling, generator)
+    rand = token_choice.uniforms(len(rows), generator, rows.logits.device) if sampling.do_sample else None
+    tokens = token_choice.compiled_choice(kernel, rows.ids, rows.pad, rows.logits, sampling, rand)
+    left = (tokens < 0).nonzero().flatten()
+    if len(left):  # NaN or +inf scores: torch's ops decide, from the same uniform numbers
+        tokens[left] = _torch_choice(rows.ids[left], rows.pad[left], rows.logits[left], sampling, None,
+                                     rand[left] if rand is not None else None)
+    return tokens
 
 
 def _special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:
