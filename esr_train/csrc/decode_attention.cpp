@@ -109,25 +109,7 @@ inline float softmax_numerators(float* s, int64_t n) {
     std::memset(s, 0, sizeof(float) * n);
     return 0.f;
   }
-  float sum = 0.f;
-  int64_t w = 0;
-#ifdef __AVX2__
-  const __m256 m = _mm256_set1_ps(mx);
-  __m256 acc = _mm256_setzero_ps();
-  for (; w + 8 <= n; w += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + w), m));
-    _mm256_storeu_ps(s + w, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  float lanes[8];
-  _mm256_storeu_ps(lanes, acc);
-  for (int j = 0; j < 8; ++j) sum += lanes[j];
-#endif
-  for (; w < n; ++w) {
-    s[w] = std::exp(s[w] - mx);
-    sum += s[w];
-  }
-  return sum;
+  return exp_shifted_in_place(s, n, mx);
 }
 
 // Each of R score rows (W wide, at s + r * W): masked columns (mrow[c * mcol] false) set to

@@ -81,28 +81,8 @@ float scale_and_max(float* row, int64_t n, float temperature) {
 
 // exp(row - max) in place; the float sum of each block of BLOCK entries into `blocks`
 void exps(float* row, int64_t n, float max, double* blocks) {
-  for (int64_t start = 0, k = 0; start < n; start += BLOCK, ++k) {
-    const int64_t stop = std::min(n, start + BLOCK);
-    int64_t i = start;
-    float sum = 0.f;
-#ifdef __AVX2__
-    const __m256 m = _mm256_set1_ps(max);
-    __m256 vsum = _mm256_setzero_ps();
-    for (; i + 8 <= stop; i += 8) {
-      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + i), m));
-      _mm256_storeu_ps(row + i, e);
-      vsum = _mm256_add_ps(vsum, e);
-    }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vsum);
-    for (float v : lanes) sum += v;
-#endif
-    for (; i < stop; ++i) {
-      row[i] = std::exp(row[i] - max);
-      sum += row[i];
-    }
-    blocks[k] = sum;
-  }
+  for (int64_t start = 0, k = 0; start < n; start += BLOCK, ++k)
+    blocks[k] = exp_shifted_in_place(row + start, std::min(BLOCK, n - start), max);
 }
 
 // the first index whose running sum of the exps reaches (1 - u) of their total

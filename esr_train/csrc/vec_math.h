@@ -1,8 +1,10 @@
-// Vector math shared by esr-train's CPU kernels (decode_attention.cpp, logprob_tiles.cpp).
+// Vector math shared by esr-train's CPU kernels (decode_attention.cpp, logprob_tiles.cpp, token_choice.cpp).
 #pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
 #ifdef __AVX2__
 #include <immintrin.h>
-#include <limits>
 
 // exp(x) for x <= 0 (scores minus their maximum, log-probabilities), the Cephes single-precision polynomial
 // (about 1e-7 relative error); -inf gives 0, NaN stays NaN.
@@ -23,3 +25,27 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_andnot_ps(is_ninf, _mm256_mul_ps(y, _mm256_castsi256_ps(n)));
 }
 #endif
+
+// x[0..n) = exp(x - max) in place, for entries <= max; returns their float sum (8 lanes summed in
+// order, then the scalar tail), the softmax numerators of the attention and the token choice.
+inline float exp_shifted_in_place(float* x, int64_t n, float max) {
+  float sum = 0.f;
+  int64_t i = 0;
+#ifdef __AVX2__
+  const __m256 m = _mm256_set1_ps(max);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), m));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, acc);
+  for (int j = 0; j < 8; ++j) sum += lanes[j];
+#endif
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - max);
+    sum += x[i];
+  }
+  return sum;
+}
