@@ -39,16 +39,13 @@ void penalised(const float* logits, const int64_t* ids, int64_t n_ids, int64_t v
   }
 }
 
-bool has_nan(const float* row, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (std::isnan(row[i])) return true;
-  return false;
-}
-
+// the first index of the largest score (torch.argmax's tie rule), or -1 where a score is NaN
 int64_t argmax(const float* row, int64_t n) {
   int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i)
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(row[i])) return -1;
     if (row[i] > row[best]) best = i;
+  }
   return best;
 }
 
@@ -140,7 +137,7 @@ torch::Tensor choose(const torch::Tensor& logits, const torch::Tensor& ids, cons
       const int64_t skip = std::clamp<int64_t>(P[b], 0, width);
       penalised(L + b * stride, I + b * width + skip, width - skip, vocab, pen, row.data());
       if (!sample) {
-        O[b] = has_nan(row.data(), vocab) ? -1 : argmax(row.data(), vocab);
+        O[b] = argmax(row.data(), vocab);
         continue;
       }
       const float max = scale_and_max(row.data(), vocab, temp);
