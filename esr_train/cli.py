@@ -37,11 +37,13 @@ def _models(args) -> int:
         print(f"{'':14s} steer layer {entry.default_layer}; {took}; {model_cache_path(entry.name, args.cache_dir)}")
     if args.prepare:  # the CPU kernels are compiled once per machine too
         from esr_train.decode_attention import load_kernel as decode_kernel
+        from esr_train.decode_elementwise import load_kernel as elementwise_kernel
         from esr_train.token_choice import load_kernel as choice_kernel
         from esr_train.training.logprob_tiles import load_kernel as head_kernel
 
         for label, what, load, fallback in (
                 ("decode attn", "CPU decode-step attention kernel", decode_kernel, "decoding uses SDPA"),
+                ("decode norms", "CPU decode-step RMSNorm and RoPE", elementwise_kernel, "decoding uses transformers' code"),
                 ("token choice", "CPU next-token choice", choice_kernel, "decoding uses transformers' processors"),
                 ("log-prob head", "CPU folds of TRL's log-prob head", head_kernel, "training uses TRL's torch folds")):
             t0 = time.perf_counter()

@@ -50,6 +50,7 @@ from transformers.generation.logits_process import (
 
 from esr_train import token_choice
 from esr_train.decode_attention import decode_attention
+from esr_train.decode_elementwise import compiled_elementwise
 from esr_train.packed_linear import packed_linears
 
 
@@ -371,8 +372,8 @@ def stream_decode(
     so a hook reading layer outputs knows whose token each row holds.
 
     While the iterator runs, a CPU model decodes with the attention kernel
-    (``decode_attention``) and its float32 linears packed for oneDNN (``packed_linears``);
-    both are undone when it ends or is closed."""
+    (``decode_attention``), its linears packed for oneDNN (``packed_linears``) and its RMSNorms and
+    rotary embeddings compiled (``compiled_elementwise``); all are undone when it ends or is closed."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if any(len(p) == 0 for p in prompts):
@@ -383,7 +384,7 @@ def stream_decode(
     eos_ids, pad_id = _special_ids(model, eos_token_id, pad_token_id)
     m = _Model(model, steering, observer)
     try:
-        with decode_attention(model), packed_linears(model, batch_size):
+        with decode_attention(model), packed_linears(model, batch_size), compiled_elementwise(model):
             yield from _loop(m, prompts, max_new_tokens, sampling, batch_size, eos_ids, pad_id, generator, refill)
     finally:
         for tracker in m.trackers:  # later passes in the same steer_rows block see the plain table again

@@ -1,0 +1,106 @@
+"""transformers' RMSNorm modules and rotary embedding as compiled passes, for the length of a CPU decode.
+
+Why: ``LlamaRMSNorm`` is seven torch ops (a cast, the square, the mean, the epsilon, the rsqrt, the
+product, a cast back and the weight's product), each a pass over the rows and a dispatch of its own,
+and a SmolLM2 decode step runs 61 of them; ``apply_rotary_pos_emb`` is eleven more (two halves, a
+negation, a concatenation, four products and two sums) for each of 30 layers. Made identities (not a
+valid model, only a bound) the norms were 10-13 ms and the rotary embedding 3-5 ms of a 100 ms step
+at batch 128 (docs/performance.md P25). ``csrc/decode_elementwise.cpp`` does each in one pass per row
+with transformers' roundings (its header lists them). The rotary embedding is the same bit for bit;
+the norm agrees to float32 rounding, and in bfloat16 a rounding moves now and then by one unit, as any
+change of summation order does (P22).
+
+Scope: inference (no gradient) on the CPU, float32 or bfloat16, for the code whose arithmetic the
+kernels copy: ``LlamaRMSNorm`` (SmolLM2), ``Gemma3RMSNorm`` (Gemma 3's (1 + w) scaling in float32),
+and the ``apply_rotary_pos_emb`` of the Llama and Gemma 3 modelling modules. Any other input goes to
+transformers' own code. ``stream_decode`` switches a model to them for the length of a run
+(:func:`compiled_elementwise`); training, perplexity passes and ``model.generate`` keep transformers'
+code. ``ESR_DECODE_ELEMENTWISE=torch`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from functools import lru_cache
+
+import torch
+
+NORMS = {"LlamaRMSNorm": False, "Gemma3RMSNorm": True}  # class name -> Gemma's (1 + w) scaling
+ATTENTIONS = ("LlamaAttention", "Gemma3Attention")  # their modules' apply_rotary_pos_emb is the one copied
+
+
+@lru_cache(maxsize=2)
+def load_kernel(cache_root: str | None = None):
+    """The compiled kernels (built once per machine into ``<cache>/kernels``), or None."""
+    if os.environ.get("ESR_DECODE_ELEMENTWISE", "").lower() == "torch":
+        return None
+    from esr_train.native import build
+
+    return build("esr_decode_elementwise", "decode_elementwise.cpp", "the CPU decode elementwise kernels", cache_root)
+
+
+def _takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and weight.dtype == x.dtype and weight.device == x.device and weight.dim() == 1
+            and x.shape[-1] == weight.shape[0])
+
+
+def _norm_forward(module, kernel, gemma: bool):
+    plain = type(module).forward
+    eps = float(module.eps if gemma else module.variance_epsilon)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not _takes(x, module.weight):
+            return plain(module, x)
+        return kernel.rms_norm(x.contiguous(), module.weight, eps, gemma)
+
+    return forward
+
+
+def _rope_function(plain, kernel):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if (unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape
+                or torch.is_grad_enabled() or q.device.type != "cpu"
+                or any(t.dtype != q.dtype or t.device != q.device for t in (k, cos, sin))
+                or q.dtype not in (torch.float32, torch.bfloat16) or q.stride(-1) != 1 or k.stride(-1) != 1
+                or cos.shape[0] not in (1, q.shape[0]) or cos.shape[1:] != q.shape[2:] or k.shape[2:] != q.shape[2:]
+                or k.shape[0] != q.shape[0] or q.shape[-1] % 2):
+            return plain(q, k, cos, sin, unsqueeze_dim)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        return kernel.rope(q, cos, sin), kernel.rope(k, cos, sin)
+
+    return apply_rotary_pos_emb
+
+
+def _norms(model, kernel) -> list[tuple[torch.nn.Module, object]]:
+    return [(m, _norm_forward(m, kernel, NORMS[type(m).__name__])) for m in model.modules()
+            if type(m).__name__ in NORMS and "forward" not in vars(m) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
+def _rope_modules(model) -> list:
+    """The modelling modules whose ``apply_rotary_pos_emb`` this model's attention layers call."""
+    found = {type(m).__module__ for m in model.modules() if type(m).__name__ in ATTENTIONS}
+    return [sys.modules[name] for name in sorted(found) if callable(getattr(sys.modules.get(name), "apply_rotary_pos_emb", None))]
+
+
+@contextmanager
+def compiled_elementwise(model):
+    """Within the block, a CPU model's Llama and Gemma 3 RMSNorms and rotary embeddings run the compiled
+    passes in inference (when the kernels build); transformers' code is restored on exit."""
+    device = next(model.parameters()).device
+    kernel = load_kernel() if device.type == "cpu" else None
+    norms = _norms(model, kernel) if kernel is not None else []
+    ropes = [(module, module.apply_rotary_pos_emb) for module in _rope_modules(model)] if kernel is not None else []
+    for module, forward in norms:
+        module.forward = forward
+    for module, plain in ropes:
+        module.apply_rotary_pos_emb = _rope_function(plain, kernel)
+    try:
+        yield
+    finally:
+        for module, plain in ropes:
+            module.apply_rotary_pos_emb = plain
+        for module, _ in norms:
+            vars(module).pop("forward", None)
