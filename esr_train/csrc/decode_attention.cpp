@@ -35,6 +35,29 @@ inline const float* as_rows(const at::BFloat16* rows, int64_t stride, int64_t n,
 }
 template <typename T> inline int64_t row_stride(int64_t stride, int64_t D) { return std::is_same<T, float>::value ? stride : D; }
 
+// Prefetching. A decode step reads each layer's cache once, long after the previous step left it, so
+// every key and value row comes from memory; one task's rows (16 KB for SmolLM2 at 130 columns) are
+// too short for the hardware prefetcher to ramp up on. The task asks for key row w + kAhead while it
+// scores row w, for value row w at the same time (read after the softmax), and for the next task's
+// first keys while it sums the values. On a 2-core Intel (AVX-512, AMX) the kernel alone over 30 cold
+// layers (93 rows, 131 columns) went from 25.4 to 17-20 ms in bf16 and from 34.6 to 27.4 ms in float32;
+// built for AVX2 only (the AMD machine's loops) from 30.1 to 23.5 ms and from 38.6 to 31.2 ms; the
+// steered decode from 854 to 979 tok/s (docs/performance.md P25). Prefetches change no arithmetic.
+constexpr int64_t kAhead = 16;  // key rows asked for ahead of the one scored
+
+#ifdef __AVX2__
+// Ask for n cache rows (D elements each, `stride` apart) from row `first` on, those below W only: the
+// cache comes cold from memory every step (kAhead above). T0: into L1, else into L2.
+template <typename T>
+inline void prefetch_rows(const T* base, int64_t stride, int64_t first, int64_t n, int64_t W, int64_t D, bool l1) {
+  for (int64_t w = first; w < first + n && w < W; ++w) {
+    const char* p = reinterpret_cast<const char*>(base + w * stride);
+    for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64)
+      l1 ? _mm_prefetch(p + off, _MM_HINT_T0) : _mm_prefetch(p + off, _MM_HINT_T1);
+  }
+}
+#endif
+
 inline float dot(const float* a, const float* b, int64_t D) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   for (int64_t d = 0; d < D; d += 8)
@@ -127,14 +150,6 @@ inline void masked_softmax_rows(float* s, int64_t R, int64_t W, const uint8_t* m
 }
 
 #ifdef __AVX512F__
-// Prefetching. A decode step reads each layer's cache once, long after the previous step left it, so
-// every key and value row comes from memory; one task's rows (16 KB for SmolLM2 at 130 columns) are
-// too short for the hardware prefetcher to ramp up on. The task asks for key row w + kAhead while it
-// scores row w, for value row w at the same time (read after the softmax), and for the next task's
-// first keys while it sums the values. On a 2-core Intel (AVX-512, AMX) the kernel alone over 30 cold
-// layers went from 25.4 to 19-20 ms (93 rows, 131 columns, bf16), and the steered decode from 854 to
-// 979 tok/s (docs/performance.md P25). Prefetches change no arithmetic.
-constexpr int64_t kAhead = 16;  // key rows asked for ahead of the one scored
 
 // AVX-512 path for one (row, key/value head) task when the R query heads' D-wide rows fit in
 // registers (R * D / 16 <= 16: SmolLM2's R 3, D 64): the queries stay in registers while each
@@ -148,15 +163,6 @@ inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-// Two cache lines of a cache row (SmolLM2's 64 bf16 are 128 bytes), asked for ahead of use.
-template <typename T, int C>
-inline void prefetch_row(const T* row, int hint_l1) {
-  constexpr int64_t bytes = 16 * C * static_cast<int64_t>(sizeof(T));
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < bytes; off += 64)
-    hint_l1 ? _mm_prefetch(p + off, _MM_HINT_T0) : _mm_prefetch(p + off, _MM_HINT_T1);
-}
-
 template <typename T, int R, int C>
 void attend_task512(const float* q, const T* kbase, int64_t kw, const T* vbase, int64_t vw, const uint8_t* mrow,
                     int64_t mcol, float scale, int64_t W, float* s, float* o, const T* knext) {
@@ -166,8 +172,8 @@ void attend_task512(const float* q, const T* kbase, int64_t kw, const T* vbase, 
     for (int c = 0; c < C; ++c) qv[r][c] = _mm512_mul_ps(_mm512_loadu_ps(q + r * D + 16 * c), _mm512_set1_ps(scale));
   for (int64_t w = 0; w < W; ++w) {
     const T* kr = kbase + w * kw;
-    if (w + kAhead < W) prefetch_row<T, C>(kr + kAhead * kw, 1);
-    prefetch_row<T, C>(vbase + w * vw, 0);  // the value rows, read after the softmax
+    prefetch_rows(kbase, kw, w + kAhead, 1, W, D, true);
+    prefetch_rows(vbase, vw, w, 1, W, D, false);  // the value rows, read after the softmax
     __m512 kc[C];
     for (int c = 0; c < C; ++c) kc[c] = load16(kr + 16 * c);
     for (int r = 0; r < R; ++r) {
@@ -183,7 +189,7 @@ void attend_task512(const float* q, const T* kbase, int64_t kw, const T* vbase, 
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t w = 0; w < W; ++w) {
     const T* vr = vbase + w * vw;
-    if (knext != nullptr && w < kAhead) prefetch_row<T, C>(knext + w * kw, 1);  // the next task's first keys
+    if (knext != nullptr && w < kAhead) prefetch_rows(knext, kw, w, 1, W, D, true);  // the next task's first keys
     __m512 vc[C];
     for (int c = 0; c < C; ++c) vc[c] = load16(vr + 16 * c);
     for (int r = 0; r < R; ++r) {
@@ -248,8 +254,11 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       // scores
       int64_t w = 0;
 #ifdef __AVX2__
-      for (; w + 8 <= W; w += 8)
+      for (; w + 8 <= W; w += 8) {
+        prefetch_rows(kbase, kw, w + kAhead, 8, W, D, true);
+        prefetch_rows(vbase, vw, w, 8, W, D, false);  // the value rows, read after the softmax
         scores8(qs.data(), as_rows(kbase + w * kw, kw, 8, buf.data(), D), row_stride<T>(kw, D), R, D, s.data() + w, W);
+      }
 #endif
       for (; w < W; ++w) {
         const float* kr = as_float(kbase + w * kw, buf.data(), D);
@@ -262,8 +271,11 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       std::memset(obase, 0, sizeof(float) * R * D);
       w = 0;
 #ifdef __AVX2__
-      for (; w + 4 <= W; w += 4)
+      for (; w + 4 <= W; w += 4) {
+        if (i + 1 < end && w < kAhead)  // the next task's first keys
+          prefetch_rows(kp + ((i + 1) / G) * kb + ((i + 1) % G) * kg, kw, w, 4, W, D, true);
         axpy4_rows(s.data() + w, W, as_rows(vbase + w * vw, vw, 4, buf.data(), D), row_stride<T>(vw, D), obase, R, D);
+      }
 #endif
       for (; w < W; ++w) {
         const float* vr = as_float(vbase + w * vw, buf.data(), D);
