@@ -6,10 +6,10 @@ same rows as a JSON list of objects (keys in ``benchmarks.report.ROW_KEYS``; rat
 shares as fractions). Baselines and ceilings are measured in the same run (the machine is
 noisy; ratios travel, absolute numbers do not), except the pipeline's 600 s target.
 
-Full run: steered generation (the 98 test prompts x 2 concepts at batch 128, <= 256 new tokens), LoRA training (4 steps),
+Full run: steered generation (the 98 test prompts x 2 concepts at batch 128, <= 256 new tokens), LoRA training (6 steps, the rate over steps 2-6),
 on-policy data generation (48 rows) and ``esr pipeline recipes/quick.yaml`` (about 10
 minutes; skip it with ``--no-pipeline``). ``--quick``: 16 prompts at batch 8, <= 48
-tokens, naive baselines on 2 prompts / 2 transcripts, 2 train steps, 8 rows with answers
+tokens, naive baselines on 2 prompts / 2 transcripts, 3 train steps, 8 rows with answers
 of <= 96 tokens, no pipeline unless ``--pipeline`` (meant for under 3 minutes; the README
 gives the time measured).
 """
@@ -46,7 +46,7 @@ def main(argv=None) -> list[dict]:
     rows += steer_bench.measure(["--n", "16", "--tokens", "48", "--batch-size", "8", "--naive", "2"] if args.quick
                                 else [])  # steer_bench's defaults: 196 trials at the recipes' eval batch of 128 (P19)
     took("steer_bench")
-    rows += train_bench.measure(["--steps", "2" if args.quick else "4"])
+    rows += train_bench.measure(["--steps", "3" if args.quick else "6"])
     took("train_bench")
     rows += generate_bench.measure(["--n", "8", "--naive", "2", "--answer-tokens", "96"] if args.quick else ["--n", "48"])
     took("generate_bench")

@@ -54,6 +54,7 @@ def trained(dataset, tmp_path_factory):
 def test_training_lowers_loss_and_writes_an_adapter(trained):
     out, summary = trained
     assert summary["steps"] == 6 and summary["tokens"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["steady_tokens_per_s"] > 0  # steps 2-6, the first step's warm-up left out
     assert summary["final_train_loss"] < summary["first_train_loss"]
     assert summary["final_eval_loss"] is not None
     for name in ("adapter_config.json", "adapter_model.safetensors", "esr_recipe.yaml", "esr_train_summary.json",
@@ -179,6 +180,8 @@ def test_sweep_draws_equal_sized_mixes(dataset, tmp_path):
     with pytest.raises(SweepError):
         common_size(0, 5, [0.5])
     result = sweep(RECIPE, dataset, tmp_path / "sweep", [0.0, 0.5], overrides={"max_steps": 1, "save_steps": 10})
+    one_step = json.loads((Path(result["adapters"]["0"]) / "esr_train_summary.json").read_text())
+    assert one_step["steps"] == 1 and one_step["steady_tokens_per_s"] is None  # no step after the first
     assert result["rows_per_mix"] == 2 and set(result["adapters"]) == {"0", "0.5"}
     for m, share in (("0", 0), ("0.5", 1)):
         sub = load_from_disk(str(tmp_path / "sweep" / f"mix-{m}" / "data"))

@@ -46,6 +46,29 @@ def _jsonl_callback(path: Path):
     return JsonlLog()
 
 
+def _step_clock():
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        """The wall clock and the tokens seen at the end of every optimizer step, for the steady rate
+        after the first step (which also pays for the trainer's warm-up: allocations, the first casts,
+        the optimizer's state); a short run's whole-wall rate understates it."""
+
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, int]] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append((time.perf_counter(), int(getattr(state, "num_input_tokens_seen", 0) or 0)))
+
+        def steady_tokens_per_s(self) -> float | None:
+            if len(self.marks) < 2 or self.marks[-1][1] <= self.marks[0][1]:
+                return None
+            (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+            return round((n1 - n0) / (t1 - t0), 1)
+
+    return StepClock()
+
+
 def quantization_config(section: ModelSection, dtype):
     """bitsandbytes settings for QLoRA; a clear error where the platform cannot run it."""
     if section.quantization is None:
@@ -214,8 +237,9 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     if section.attn_implementation:
         model.config._attn_implementation = section.attn_implementation
     out.mkdir(parents=True, exist_ok=True)
+    clock = _step_clock()
     common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-                  peft_config=peft_config, callbacks=[_jsonl_callback(out / "train_log.jsonl")])
+                  peft_config=peft_config, callbacks=[_jsonl_callback(out / "train_log.jsonl"), clock])
     if extras.steer_strength:
         from esr_train.concepts import saved_concept_directions
         from esr_train.training.steered import SteeredSFTTrainer, TrainSteering
@@ -249,6 +273,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "model": section.name, "dtype": str(dtype).replace("torch.", ""), "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch, "tokens": tokens, "train_runtime_s": round(wall, 1),
         "tokens_per_s": round(tokens / wall, 1) if tokens and wall else None,
+        "steady_tokens_per_s": clock.steady_tokens_per_s(),
         "first_train_loss": losses[0] if losses else None, "final_train_loss": losses[-1] if losses else None,
         "train_loss_mean": result.training_loss, "final_eval_loss": final_eval.get("eval_loss"),
         "tokenize": {"train": train_stats, "eval": eval_stats}, "answer_loss_tokens": extras.answer_loss_tokens,
