@@ -37,7 +37,7 @@ def _models(args) -> int:
         print(f"{'':14s} steer layer {entry.default_layer}; {took}; {model_cache_path(entry.name, args.cache_dir)}")
     if args.prepare:  # the CPU kernels are compiled once per machine too
         from esr_train.decode_attention import load_kernel as decode_kernel
-        from esr_train.decode_elementwise import load_kernel as elementwise_kernel
+        from esr_train.elementwise import load_kernel as elementwise_kernel
         from esr_train.token_choice import load_kernel as choice_kernel
         from esr_train.training.logprob_tiles import load_kernel as head_kernel
 

@@ -50,7 +50,7 @@ from transformers.generation.logits_process import (
 
 from esr_train import token_choice
 from esr_train.decode_attention import decode_attention
-from esr_train.decode_elementwise import compiled_elementwise
+from esr_train.elementwise import compiled_elementwise
 from esr_train.packed_linear import packed_linears
 
 

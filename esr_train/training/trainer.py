@@ -163,6 +163,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     from esr_train.dtype import resolve_dtype
     from esr_train.training.adapter_casts import adapter_input_casts_off
     from esr_train.training.labelled_head import labelled_positions_only
+    from esr_train.training.compiled_norms import compiled_norms
     from esr_train.training.logprob_tiles import compiled_logprob_tiles
     from esr_train.training.tokenize import tokenize_dataset
     from esr_train.training.unlikelihood import UNLIKELY_COLUMN, trainer_class
@@ -259,7 +260,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         common["unlikely_floor"] = extras.unlikely_floor
     trainer = trainer_cls(**common)
     with labelled_positions_only(), compiled_logprob_tiles() as compiled_head, \
-            adapter_input_casts_off(trainer) as casts_off:
+            adapter_input_casts_off(trainer) as casts_off, compiled_norms(trainer.model) as norms_compiled:
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=last if resume and last else None)
         wall = time.perf_counter() - t0
@@ -280,6 +281,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         "normal_loss_tokens": extras.normal_loss_tokens, "normal_skip_tokens": extras.normal_skip_tokens,
         "dataset": data_fingerprint, "resumed_from": Path(last).name if resume and last else None,
         "adapter_input_casts_off": casts_off, "compiled_logprob_tiles": compiled_head,
+        "compiled_norms": norms_compiled,
         "activation_checkpointing": bool(args.activation_checkpointing),
         "lora": {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_kwargs.items()},
         "steering": {"strength": extras.steer_strength, "strength_max": extras.steer_strength_max,

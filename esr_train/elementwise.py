@@ -5,7 +5,7 @@ product, a cast back and the weight's product), each a pass over the rows and a 
 and a SmolLM2 decode step runs 61 of them; ``apply_rotary_pos_emb`` is eleven more (two halves, a
 negation, a concatenation, four products and two sums) for each of 30 layers. Made identities (not a
 valid model, only a bound) the norms were 10-13 ms and the rotary embedding 3-5 ms of a 100 ms step
-at batch 128 (docs/performance.md P25). ``csrc/decode_elementwise.cpp`` does each in one pass per row
+at batch 128 (docs/performance.md P25). ``csrc/elementwise.cpp`` does each in one pass per row
 with transformers' roundings (its header lists them). The rotary embedding is the same bit for bit;
 the norm agrees to float32 rounding, and in bfloat16 a rounding moves now and then by one unit, as any
 change of summation order does (P22).
@@ -15,7 +15,7 @@ kernels copy: ``LlamaRMSNorm`` (SmolLM2), ``Gemma3RMSNorm`` (Gemma 3's (1 + w) s
 and the ``apply_rotary_pos_emb`` of the Llama and Gemma 3 modelling modules. Any other input goes to
 transformers' own code. ``stream_decode`` switches a model to them for the length of a run
 (:func:`compiled_elementwise`); training, perplexity passes and ``model.generate`` keep transformers'
-code. ``ESR_DECODE_ELEMENTWISE=torch`` turns it off.
+code. ``ESR_ELEMENTWISE=torch`` turns it off.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ ATTENTIONS = ("LlamaAttention", "Gemma3Attention")  # their modules' apply_rotar
 @lru_cache(maxsize=2)
 def load_kernel(cache_root: str | None = None):
     """The compiled kernels (built once per machine into ``<cache>/kernels``), or None."""
-    if os.environ.get("ESR_DECODE_ELEMENTWISE", "").lower() == "torch":
+    if os.environ.get("ESR_ELEMENTWISE", "").lower() == "torch":
         return None
     from esr_train.native import build
 
-    return build("esr_decode_elementwise", "decode_elementwise.cpp", "the CPU decode elementwise kernels", cache_root)
+    return build("esr_elementwise", "elementwise.cpp", "the CPU decode elementwise kernels", cache_root)
 
 
 def _takes(x: torch.Tensor, weight: torch.Tensor) -> bool:

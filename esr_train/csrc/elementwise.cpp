@@ -1,4 +1,4 @@
-// The decode step's RMSNorm and rotary embedding, one pass each (esr_train/decode_elementwise.py says
+// The decode step's RMSNorm and rotary embedding, one pass each (esr_train/elementwise.py says
 // why), for float32 or bfloat16 tensors. The arithmetic and its roundings follow transformers step for step:
 //   Llama  RMSNorm: h = float(x); h = h * (1 / sqrt(mean(h * h) + eps)); y = w * dtype(h)  (product rounded)
 //   Gemma3 RMSNorm: y = dtype(float(x) * (1 / sqrt(mean(x * x) + eps)) * (1 + float(w)))
@@ -54,8 +54,9 @@ inline __m256 round8(__m256 v, const at::BFloat16*) {
 }
 #endif
 
+// One row's RMSNorm into y; returns the row's 1 / sqrt(mean(x * x) + eps), which the backward reuses.
 template <typename T>
-void rms_norm_row(const T* x, const T* w, T* y, int64_t H, float eps, bool gemma) {
+float rms_norm_row(const T* x, const T* w, T* y, int64_t H, float eps, bool gemma) {
   float sum = 0.f;
   int64_t i = 0;
 #ifdef __AVX2__
@@ -87,6 +88,49 @@ void rms_norm_row(const T* x, const T* w, T* y, int64_t H, float eps, bool gemma
     const float h = to_float(x[i]) * r;
     y[i] = from_float<T>(gemma ? h * (1.f + to_float(w[i])) : to_float(w[i]) * round_to<T>(h));
   }
+  return r;
+}
+
+// The gradient of one row's RMSNorm with respect to x, the weight frozen, following torch's autograd
+// through the module's ops: g = dtype(gy * w) (Llama; Gemma: float(gy) * (1 + w), no rounding), then
+// gx = dtype(r * g - x * r^3 * sum(g * x) / H). g is kept in `scratch` (H floats).
+template <typename T>
+void rms_norm_backward_row(const T* gy, const T* x, const T* w, float r, T* gx, int64_t H, bool gemma, float* scratch) {
+  float dot = 0.f;
+  int64_t i = 0;
+#ifdef __AVX2__
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= H; i += 8) {
+    const __m256 g = gemma ? _mm256_mul_ps(load8(gy + i), _mm256_add_ps(_mm256_set1_ps(1.f), load8(w + i)))
+                           : round8(_mm256_mul_ps(load8(gy + i), load8(w + i)), x);
+    _mm256_storeu_ps(scratch + i, g);
+    acc = _mm256_fmadd_ps(g, load8(x + i), acc);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, acc);
+  for (int j = 0; j < 8; ++j) dot += lanes[j];
+#endif
+  for (; i < H; ++i) {
+    const float g = gemma ? to_float(gy[i]) * (1.f + to_float(w[i])) : round_to<T>(to_float(gy[i]) * to_float(w[i]));
+    scratch[i] = g;
+    dot += g * to_float(x[i]);
+  }
+  const float c = dot * r * r * r / static_cast<float>(H);
+  i = 0;
+#ifdef __AVX2__
+  const __m256 rv = _mm256_set1_ps(r), cv = _mm256_set1_ps(c);
+  for (; i + 8 <= H; i += 8)
+    store8(gx + i, _mm256_sub_ps(_mm256_mul_ps(rv, _mm256_loadu_ps(scratch + i)), _mm256_mul_ps(load8(x + i), cv)));
+#endif
+  for (; i < H; ++i) gx[i] = from_float<T>(r * scratch[i] - to_float(x[i]) * c);
+}
+
+// f(T{}) with T float or at::BFloat16 as `type` says.
+template <typename F>
+void with_dtype(at::ScalarType type, F f) {
+  if (type == at::kFloat) f(float{});
+  else if (type == at::kBFloat16) f(at::BFloat16{});
+  else TORCH_CHECK(false, "float32 or bfloat16");
 }
 
 void check(const at::Tensor& t, const char* what) {
@@ -94,32 +138,60 @@ void check(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what, ": float32 or bfloat16");
 }
 
-// x [..., H] and weight [H], one dtype. gemma: Gemma 3's (1 + w) scaling in float32, else Llama's.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
+void check_norm(const at::Tensor& x, const at::Tensor& weight) {
   check(x, "x");
   check(weight, "weight");
-  const int64_t H = x.size(-1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H && weight.scalar_type() == x.scalar_type(),
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && weight.scalar_type() == x.scalar_type(),
               "weight: [H] in x's dtype");
+}
+
+// x [..., H] and weight [H], one dtype. gemma: Gemma 3's (1 + w) scaling in float32, else Llama's.
+// Returns y and, per row of H, the float32 1 / sqrt(mean(x * x) + eps) for rms_norm_backward.
+std::vector<at::Tensor> rms_norm_keep(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
+  check_norm(x, weight);
+  const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0;
   auto y = at::empty_like(x);
-  const int64_t rows = H ? x.numel() / H : 0;
-  AT_DISPATCH_SWITCH(x.scalar_type(), "rms_norm",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r)
-          rms_norm_row<float>(x.data_ptr<float>() + r * H, weight.data_ptr<float>(), y.data_ptr<float>() + r * H, H,
-                              static_cast<float>(eps), gemma);
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      using T = at::BFloat16;
-      at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r)
-          rms_norm_row<T>(x.data_ptr<T>() + r * H, weight.data_ptr<T>(), y.data_ptr<T>() + r * H, H,
-                          static_cast<float>(eps), gemma);
-      });
-    }));
-  return y;
+  auto inv = at::empty({rows}, x.options().dtype(at::kFloat));
+  with_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    const T* wp = weight.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    float* ip = inv.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) ip[r] = rms_norm_row<T>(xp + r * H, wp, yp + r * H, H, static_cast<float>(eps), gemma);
+    });
+  });
+  return {y, inv};
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
+  return rms_norm_keep(x, weight, eps, gemma)[0];
+}
+
+// grad_y and x [..., H], weight [H], inv [rows] from rms_norm_keep: the gradient with respect to x.
+at::Tensor rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& inv, bool gemma) {
+  check_norm(x, weight);
+  check(grad_y, "grad_y");
+  const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0;
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(), "grad_y: x's shape and dtype");
+  TORCH_CHECK(inv.scalar_type() == at::kFloat && inv.is_contiguous() && inv.numel() == rows, "inv: [rows] float32");
+  auto gx = at::empty_like(x);
+  with_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* gp = grad_y.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    const T* wp = weight.data_ptr<T>();
+    const float* ip = inv.data_ptr<float>();
+    T* op = gx.data_ptr<T>();
+    at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+      std::vector<float> scratch(H);
+      for (int64_t r = b; r < e; ++r)
+        rms_norm_backward_row<T>(gp + r * H, xp + r * H, wp, ip[r], op + r * H, H, gemma, scratch.data());
+    });
+  });
+  return gx;
 }
 
 // One rotated row of D (D even): y[d] = r(r(x[d] c[d]) + r(-x[d + D/2] s[d])) for d < D/2, and
@@ -175,9 +247,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
               && cos.size(1) == x.size(2) && cos.size(2) == x.size(3), "cos, sin: [B or 1, L, D]");
   TORCH_CHECK(x.scalar_type() == cos.scalar_type() && sin.scalar_type() == cos.scalar_type(), "x, cos, sin: one dtype");
   auto y = at::empty(x.sizes(), x.options());
-  if (x.scalar_type() == at::kFloat) rope_into<float>(x, cos, sin, y);
-  else if (x.scalar_type() == at::kBFloat16) rope_into<at::BFloat16>(x, cos, sin, y);
-  else TORCH_CHECK(false, "x: float32 or bfloat16");
+  with_dtype(x.scalar_type(), [&](auto tag) { rope_into<decltype(tag)>(x, cos, sin, y); });
   return y;
 }
 
@@ -185,5 +255,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of each row as transformers' Llama (gemma=False) or Gemma 3 module");
+  m.def("rms_norm_keep", &rms_norm_keep, "rms_norm, and each row's 1 / rms for the backward");
+  m.def("rms_norm_backward", &rms_norm_backward, "the RMSNorm's gradient with respect to x (weight frozen)");
   m.def("rope", &rope, "transformers' apply_rotary_pos_emb for one tensor");
 }

@@ -12,8 +12,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 import transformers.models.gemma3.modeling_gemma3 as gemma3_code
 import transformers.models.llama.modeling_llama as llama_code
 
-from esr_train import decode_elementwise
-from esr_train.decode_elementwise import compiled_elementwise
+from esr_train import elementwise
+from esr_train.elementwise import compiled_elementwise
 from tests.conftest import built_kernel, tiny_gemma3, tiny_llama
 
 MODULES = {"llama": (LlamaRMSNorm, False, 1.0), "gemma3": (Gemma3RMSNorm, True, 0.0)}  # class, gemma, weight mean
@@ -21,7 +21,7 @@ MODULES = {"llama": (LlamaRMSNorm, False, 1.0), "gemma3": (Gemma3RMSNorm, True, 
 
 @pytest.fixture(scope="module")
 def kernel():
-    return built_kernel(decode_elementwise.load_kernel, "transformers' code stays")
+    return built_kernel(elementwise.load_kernel, "transformers' code stays")
 
 
 def _norm(kind: str, width: int, dtype: torch.dtype, seed: int):
@@ -72,7 +72,7 @@ def test_a_nan_row_stays_nan_and_leaves_the_others_alone(kernel):
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
 def test_switched_only_inside_the_block_and_only_without_grad(kernel, build):
     model = build()
-    norms = [m for m in model.modules() if type(m).__name__ in decode_elementwise.NORMS]
+    norms = [m for m in model.modules() if type(m).__name__ in elementwise.NORMS]
     assert norms and all("forward" not in vars(m) for m in norms)
     x = torch.randn(2, 4, model.config.hidden_size)
     norms.sort(key=lambda m: m.weight.shape[0] != x.shape[-1])  # one of hidden-size width first (Gemma's q/k norms are not)
@@ -84,8 +84,8 @@ def test_switched_only_inside_the_block_and_only_without_grad(kernel, build):
             calls.append(1)
             return real(*args)
 
-    original = decode_elementwise.load_kernel
-    decode_elementwise.load_kernel = lambda cache_root=None: Counting()
+    original = elementwise.load_kernel
+    elementwise.load_kernel = lambda cache_root=None: Counting()
     try:
         with compiled_elementwise(model):
             assert all("forward" in vars(m) for m in norms)
@@ -95,7 +95,7 @@ def test_switched_only_inside_the_block_and_only_without_grad(kernel, build):
                 norms[0](x)
             assert calls == [1]
     finally:
-        decode_elementwise.load_kernel = original
+        elementwise.load_kernel = original
     assert all("forward" not in vars(m) for m in norms)
 
 
@@ -140,13 +140,13 @@ def test_decoding_takes_the_kernels_and_gives_transformers_code_back(kernel, bui
                 return getattr(kernel, name)(*args)
             return counted
 
-    original = decode_elementwise.load_kernel
-    decode_elementwise.load_kernel = lambda cache_root=None: Counting()
+    original = elementwise.load_kernel
+    elementwise.load_kernel = lambda cache_root=None: Counting()
     try:
         prompts = [[1, 5, 9, 12], [1, 7]]
         got = dict(stream_decode(model, prompts, max_new_tokens=6, batch_size=2, eos_token_id=[], pad_token_id=0))
     finally:
-        decode_elementwise.load_kernel = original
+        elementwise.load_kernel = original
     assert calls["rms_norm"] > 0 and calls["rope"] > 0
     assert code.apply_rotary_pos_emb is plain
     for i, prompt in enumerate(prompts):
@@ -158,12 +158,48 @@ def test_decoding_takes_the_kernels_and_gives_transformers_code_back(kernel, bui
 
 
 def test_turned_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv("ESR_DECODE_ELEMENTWISE", "torch")
-    decode_elementwise.load_kernel.cache_clear()
+    monkeypatch.setenv("ESR_ELEMENTWISE", "torch")
+    elementwise.load_kernel.cache_clear()
     try:
         model = tiny_llama()
         with compiled_elementwise(model):
             assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, LlamaRMSNorm))
     finally:
-        monkeypatch.delenv("ESR_DECODE_ELEMENTWISE")
-        decode_elementwise.load_kernel.cache_clear()
+        monkeypatch.delenv("ESR_ELEMENTWISE")
+        elementwise.load_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_norm_gradient_is_autograds_through_the_module(kernel, kind, dtype):
+    """The compiled forward and backward of a frozen norm against torch's autograd through the module:
+    float32 to rounding, bfloat16 one unit at most (and nearly every value equal)."""
+    from esr_train.training.compiled_norms import compiled_norms
+
+    module, x, _ = _norm(kind, 576, dtype, seed=11)
+    module.requires_grad_(False)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(12)).to(dtype)
+    plain_x = x.clone().requires_grad_(True)
+    module(plain_x).backward(grad)
+    compiled_x = x.clone().requires_grad_(True)
+    with compiled_norms(module) as switched:
+        out = module(compiled_x)
+        assert switched and out.grad_fn is not None and "RMSNorm" in type(out.grad_fn).__name__
+        out.backward(grad)
+    expected, got = plain_x.grad.float(), compiled_x.grad.float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    else:
+        assert (got == expected).float().mean() >= 0.99
+        assert bool(((got - expected).abs() <= expected.abs() * 2.0 ** -7 + 1e-6).all())
+
+
+def test_training_norm_with_a_trainable_weight_is_the_modules_own(kernel):
+    from esr_train.training.compiled_norms import compiled_norms
+
+    module, x, _ = _norm("llama", 64, torch.float32, seed=13)
+    x.requires_grad_(True)
+    with compiled_norms(module):
+        out = module(x)
+    assert "RMSNorm" not in type(out.grad_fn).__name__
+    assert torch.equal(out, type(module).forward(module, x))
