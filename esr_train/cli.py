@@ -43,7 +43,7 @@ def _models(args) -> int:
 
         for label, what, load, fallback in (
                 ("decode attn", "CPU decode-step attention kernel", decode_kernel, "decoding uses SDPA"),
-                ("decode norms", "CPU decode-step RMSNorm and RoPE", elementwise_kernel, "decoding uses transformers' code"),
+                ("norm + RoPE", "CPU RMSNorm and RoPE (decoding; the norm in training)", elementwise_kernel, "transformers' code stays"),
                 ("token choice", "CPU next-token choice", choice_kernel, "decoding uses transformers' processors"),
                 ("log-prob head", "CPU folds of TRL's log-prob head", head_kernel, "training uses TRL's torch folds")):
             t0 = time.perf_counter()
