@@ -59,16 +59,41 @@ def _norm_forward(module, kernel, gemma: bool):
     return forward
 
 
-def _rope_function(plain, kernel):
+class _Rotary(torch.autograd.Function):
+    """The rotary embedding of one tensor with its backward: the gradient of y = x cos + rotate_half(x) sin
+    is the same rotation of the gradient with sin's halves swapped and negated, so the backward is the
+    forward kernel again, with autograd's roundings (each product rounded, then their sum)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, kernel):
+        ctx.save_for_backward(cos, sin)
+        ctx.kernel = kernel
+        return kernel.rope(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        half = sin.shape[-1] // 2
+        swapped = torch.cat([-sin[..., half:], -sin[..., :half]], dim=-1)
+        return ctx.kernel.rope(grad.contiguous(), cos, swapped), None, None, None
+
+
+def _rope_function(plain, kernel, with_grad: bool = False):
+    """``apply_rotary_pos_emb`` on the kernel where it applies: in inference only, or (``with_grad``)
+    with the backward of :class:`_Rotary` as well; ``plain`` for anything else."""
+
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        grad = torch.is_grad_enabled()
         if (unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape
-                or torch.is_grad_enabled() or q.device.type != "cpu"
+                or (grad and (not with_grad or cos.requires_grad or sin.requires_grad)) or q.device.type != "cpu"
                 or any(t.dtype != q.dtype or t.device != q.device for t in (k, cos, sin))
                 or q.dtype not in (torch.float32, torch.bfloat16) or q.stride(-1) != 1 or k.stride(-1) != 1
                 or cos.shape[0] not in (1, q.shape[0]) or cos.shape[1:] != q.shape[2:] or k.shape[2:] != q.shape[2:]
                 or k.shape[0] != q.shape[0] or q.shape[-1] % 2):
             return plain(q, k, cos, sin, unsqueeze_dim)
         cos, sin = cos.contiguous(), sin.contiguous()
+        if grad:
+            return _Rotary.apply(q, cos, sin, kernel), _Rotary.apply(k, cos, sin, kernel)
         return kernel.rope(q, cos, sin), kernel.rope(k, cos, sin)
 
     return apply_rotary_pos_emb

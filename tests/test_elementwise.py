@@ -4,6 +4,8 @@ bit, and transformers' code switched only inside ``compiled_elementwise`` and on
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
@@ -203,3 +205,27 @@ def test_training_norm_with_a_trainable_weight_is_the_modules_own(kernel):
         out = module(x)
     assert "RMSNorm" not in type(out.grad_fn).__name__
     assert torch.equal(out, type(module).forward(module, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_rotary_embedding_and_its_gradient_are_autograds_bit_for_bit(kernel, dtype):
+    """Inside ``compiled_norms`` (training), Llama's rotary embedding runs the kernel forward and
+    backward; outputs and gradients equal autograd's through transformers' function exactly."""
+    from esr_train.training.compiled_norms import compiled_norms
+
+    model = tiny_llama()
+    q0 = _rotary(3, 4, 7, 16, dtype, seed=21)[0].transpose(1, 2).contiguous()  # [B, L, H, D], as projected
+    k0, cos, sin = _rotary(3, 2, 7, 16, dtype, seed=22)
+    k0 = k0.transpose(1, 2).contiguous()
+    g = torch.Generator().manual_seed(23)
+    grads = [torch.randn(3, 4, 7, 16, generator=g).to(dtype), torch.randn(3, 2, 7, 16, generator=g).to(dtype)]
+    results = []
+    for compiled in (False, True):
+        q, k = q0.clone().requires_grad_(True), k0.clone().requires_grad_(True)
+        with compiled_norms(model) if compiled else contextlib.nullcontext():
+            out = llama_code.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            if compiled:
+                assert "Rotary" in type(out[0].grad_fn).__name__
+        torch.autograd.backward(list(out), grads)
+        results.append((out[0].detach(), out[1].detach(), q.grad, k.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
