@@ -84,9 +84,10 @@ def measure(argv=None) -> list[dict]:
             steady = summary.get("steady_tokens_per_s")
             runs[dtype] = {"value": steady or summary["tokens_per_s"], "gflops": gflops,
                            "ceiling": round(gflops / (GFLOP_PER_TOKEN * LORA_FACTOR), 1),
-                           "what": (f"steps 2-{summary['steps']} " if steady else f"{summary['steps']} steps, whole wall ")
-                                   + f"of {summary['steps']}, {summary['tokens']} tok; whole wall "
-                                   f"{summary['tokens_per_s']} tok/s; matmul {gflops:.1f} GFLOP/s"}
+                           "what": (f"steps 2-{summary['steps']} of {summary['steps']}" if steady
+                                    else f"{summary['steps']} steps (whole wall)")
+                                   + f", {summary['tokens']} tok; whole wall {summary['tokens_per_s']} tok/s; "
+                                   f"matmul {gflops:.1f} GFLOP/s"}
     a, f = runs[auto], runs["float32"]
     same = auto == "float32"
     return [

@@ -1,4 +1,5 @@
-"""transformers' RMSNorm modules and rotary embedding as compiled passes, for the length of a CPU decode.
+"""transformers' RMSNorm modules and rotary embedding as compiled passes, for the length of a CPU decode
+or CPU training.
 
 Why: ``LlamaRMSNorm`` is seven torch ops (a cast, the square, the mean, the epsilon, the rsqrt, the
 product, a cast back and the weight's product), each a pass over the rows and a dispatch of its own,
@@ -10,12 +11,22 @@ with transformers' roundings (its header lists them). The rotary embedding is th
 the norm agrees to float32 rounding, and in bfloat16 a rounding moves now and then by one unit, as any
 change of summation order does (P22).
 
-Scope: inference (no gradient) on the CPU, float32 or bfloat16, for the code whose arithmetic the
-kernels copy: ``LlamaRMSNorm`` (SmolLM2), ``Gemma3RMSNorm`` (Gemma 3's (1 + w) scaling in float32),
-and the ``apply_rotary_pos_emb`` of the Llama and Gemma 3 modelling modules. Any other input goes to
-transformers' own code. ``stream_decode`` switches a model to them for the length of a run
-(:func:`compiled_elementwise`); training, perplexity passes and ``model.generate`` keep transformers'
-code. ``ESR_ELEMENTWISE=torch`` turns it off.
+Scope: the CPU, float32 or bfloat16, for the code whose arithmetic the kernels copy: ``LlamaRMSNorm``
+(SmolLM2), ``Gemma3RMSNorm`` (Gemma 3's (1 + w) scaling in float32), and the ``apply_rotary_pos_emb``
+of the Llama and Gemma 3 modelling modules. Any other input goes to transformers' own code.
+``stream_decode`` switches a model to them in inference for the length of a run
+(:func:`compiled_elementwise`); ``esr train`` switches them on ``with_grad`` around
+``trainer.train()``, where a frozen norm and the rotary embedding also run a compiled backward
+(:class:`_RMSNorm`, :class:`_Rotary`; the summary key ``compiled_norms``). ``model.generate`` and
+perplexity passes keep transformers' code. ``ESR_ELEMENTWISE=torch`` turns both off.
+
+Training (docs/performance.md P25): a norm's backward computes the input's gradient in one pass per
+row as autograd through the module's ops does (the weight's product rounded to the dtype first for
+Llama, kept in float32 for Gemma 3), to float32 rounding; LoRA steps on train_bench's data went bf16
+634.0 -> 669.8 tok/s, float32 298.5 -> 339.2 with the same final loss (bf16's first loss moved by
+0.0013, as any change of rounding does). The rotary embedding's backward is the forward kernel with
+sin's halves swapped and negated, autograd's bit for bit; q and k of 8 x 137 tokens, forward and
+backward, 1.99 -> 1.28 ms a layer in bf16, 2.89 -> 1.09 in float32.
 """
 
 from __future__ import annotations
@@ -38,23 +49,46 @@ def load_kernel(cache_root: str | None = None):
         return None
     from esr_train.native import build
 
-    return build("esr_elementwise", "elementwise.cpp", "the CPU decode elementwise kernels", cache_root)
+    return build("esr_elementwise", "elementwise.cpp", "the CPU RMSNorm and RoPE kernels", cache_root)
 
 
 def _takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and weight.dtype == x.dtype and weight.device == x.device and weight.dim() == 1
             and x.shape[-1] == weight.shape[0])
 
 
-def _norm_forward(module, kernel, gemma: bool):
+class _RMSNorm(torch.autograd.Function):
+    """A frozen-weight RMSNorm with its backward: the forward keeps one float per row (1 / rms), the
+    backward gives the input's gradient in one pass per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, gemma: bool, kernel):
+        y, inv = kernel.rms_norm_keep(x, weight, eps, gemma)
+        ctx.save_for_backward(x, weight, inv)
+        ctx.gemma, ctx.kernel = gemma, kernel
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, inv = ctx.saved_tensors
+        return ctx.kernel.rms_norm_backward(grad.contiguous(), x, weight, inv, ctx.gemma), None, None, None, None
+
+
+def _norm_forward(module, kernel, gemma: bool, with_grad: bool = False):
+    """The module's forward on the kernel where it applies: in inference only, or (``with_grad``) with
+    the backward of :class:`_RMSNorm` when its weight is frozen; its own forward for anything else."""
     plain = type(module).forward
     eps = float(module.eps if gemma else module.variance_epsilon)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if not _takes(x, module.weight):
+        w = module.weight
+        grad = torch.is_grad_enabled()
+        if not _takes(x, w) or (grad and (not with_grad or w.requires_grad)):
             return plain(module, x)
-        return kernel.rms_norm(x.contiguous(), module.weight, eps, gemma)
+        if grad:
+            return _RMSNorm.apply(x.contiguous(), w, eps, gemma, kernel)
+        return kernel.rms_norm(x.contiguous(), w, eps, gemma)
 
     return forward
 
@@ -65,17 +99,15 @@ class _Rotary(torch.autograd.Function):
     forward kernel again, with autograd's roundings (each product rounded, then their sum)."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, kernel):
-        ctx.save_for_backward(cos, sin)
+    def forward(ctx, x, cos, sin, swapped_sin, kernel):
+        ctx.save_for_backward(cos, swapped_sin)
         ctx.kernel = kernel
         return kernel.rope(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        half = sin.shape[-1] // 2
-        swapped = torch.cat([-sin[..., half:], -sin[..., :half]], dim=-1)
-        return ctx.kernel.rope(grad.contiguous(), cos, swapped), None, None, None
+        cos, swapped_sin = ctx.saved_tensors
+        return ctx.kernel.rope(grad.contiguous(), cos, swapped_sin), None, None, None, None
 
 
 def _rope_function(plain, kernel, with_grad: bool = False):
@@ -92,16 +124,13 @@ def _rope_function(plain, kernel, with_grad: bool = False):
                 or k.shape[0] != q.shape[0] or q.shape[-1] % 2):
             return plain(q, k, cos, sin, unsqueeze_dim)
         cos, sin = cos.contiguous(), sin.contiguous()
-        if grad:
-            return _Rotary.apply(q, cos, sin, kernel), _Rotary.apply(k, cos, sin, kernel)
+        if grad:  # sin for the backward, once for q and k
+            half = sin.shape[-1] // 2
+            swapped = torch.cat([-sin[..., half:], -sin[..., :half]], dim=-1)
+            return _Rotary.apply(q, cos, sin, swapped, kernel), _Rotary.apply(k, cos, sin, swapped, kernel)
         return kernel.rope(q, cos, sin), kernel.rope(k, cos, sin)
 
     return apply_rotary_pos_emb
-
-
-def _norms(model, kernel) -> list[tuple[torch.nn.Module, object]]:
-    return [(m, _norm_forward(m, kernel, NORMS[type(m).__name__])) for m in model.modules()
-            if type(m).__name__ in NORMS and "forward" not in vars(m) and isinstance(getattr(m, "weight", None), torch.Tensor)]
 
 
 def _rope_modules(model) -> list:
@@ -111,21 +140,23 @@ def _rope_modules(model) -> list:
 
 
 @contextmanager
-def compiled_elementwise(model):
+def compiled_elementwise(model, with_grad: bool = False):
     """Within the block, a CPU model's Llama and Gemma 3 RMSNorms and rotary embeddings run the compiled
-    passes in inference (when the kernels build); transformers' code is restored on exit."""
+    passes (when the kernels build): in inference only, or also with their backward (``with_grad``,
+    training). Yields whether any was switched; transformers' code is restored on exit."""
     device = next(model.parameters()).device
     kernel = load_kernel() if device.type == "cpu" else None
-    norms = _norms(model, kernel) if kernel is not None else []
+    norms = [m for m in model.modules() if type(m).__name__ in NORMS and "forward" not in vars(m)
+             and isinstance(getattr(m, "weight", None), torch.Tensor)] if kernel is not None else []
     ropes = [(module, module.apply_rotary_pos_emb) for module in _rope_modules(model)] if kernel is not None else []
-    for module, forward in norms:
-        module.forward = forward
+    for module in norms:
+        module.forward = _norm_forward(module, kernel, NORMS[type(module).__name__], with_grad)
     for module, plain in ropes:
-        module.apply_rotary_pos_emb = _rope_function(plain, kernel)
+        module.apply_rotary_pos_emb = _rope_function(plain, kernel, with_grad)
     try:
-        yield
+        yield bool(norms or ropes)
     finally:
         for module, plain in ropes:
             module.apply_rotary_pos_emb = plain
-        for module, _ in norms:
+        for module in norms:
             vars(module).pop("forward", None)

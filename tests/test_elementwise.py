@@ -176,15 +176,13 @@ def test_turned_off_by_the_environment(monkeypatch):
 def test_training_norm_gradient_is_autograds_through_the_module(kernel, kind, dtype):
     """The compiled forward and backward of a frozen norm against torch's autograd through the module:
     float32 to rounding, bfloat16 one unit at most (and nearly every value equal)."""
-    from esr_train.training.compiled_norms import compiled_norms
-
     module, x, _ = _norm(kind, 576, dtype, seed=11)
     module.requires_grad_(False)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(12)).to(dtype)
     plain_x = x.clone().requires_grad_(True)
     module(plain_x).backward(grad)
     compiled_x = x.clone().requires_grad_(True)
-    with compiled_norms(module) as switched:
+    with compiled_elementwise(module, with_grad=True) as switched:
         out = module(compiled_x)
         assert switched and out.grad_fn is not None and "RMSNorm" in type(out.grad_fn).__name__
         out.backward(grad)
@@ -197,11 +195,9 @@ def test_training_norm_gradient_is_autograds_through_the_module(kernel, kind, dt
 
 
 def test_training_norm_with_a_trainable_weight_is_the_modules_own(kernel):
-    from esr_train.training.compiled_norms import compiled_norms
-
     module, x, _ = _norm("llama", 64, torch.float32, seed=13)
     x.requires_grad_(True)
-    with compiled_norms(module):
+    with compiled_elementwise(module, with_grad=True):
         out = module(x)
     assert "RMSNorm" not in type(out.grad_fn).__name__
     assert torch.equal(out, type(module).forward(module, x))
@@ -209,10 +205,8 @@ def test_training_norm_with_a_trainable_weight_is_the_modules_own(kernel):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_rotary_embedding_and_its_gradient_are_autograds_bit_for_bit(kernel, dtype):
-    """Inside ``compiled_norms`` (training), Llama's rotary embedding runs the kernel forward and
+    """Inside ``compiled_elementwise(with_grad=True)`` (training), Llama's rotary embedding runs the kernel forward and
     backward; outputs and gradients equal autograd's through transformers' function exactly."""
-    from esr_train.training.compiled_norms import compiled_norms
-
     model = tiny_llama()
     q0 = _rotary(3, 4, 7, 16, dtype, seed=21)[0].transpose(1, 2).contiguous()  # [B, L, H, D], as projected
     k0, cos, sin = _rotary(3, 2, 7, 16, dtype, seed=22)
@@ -222,7 +216,7 @@ def test_training_rotary_embedding_and_its_gradient_are_autograds_bit_for_bit(ke
     results = []
     for compiled in (False, True):
         q, k = q0.clone().requires_grad_(True), k0.clone().requires_grad_(True)
-        with compiled_norms(model) if compiled else contextlib.nullcontext():
+        with compiled_elementwise(model, with_grad=True) if compiled else contextlib.nullcontext():
             out = llama_code.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             if compiled:
                 assert "Rotary" in type(out[0].grad_fn).__name__

@@ -229,16 +229,17 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   float* op = out.data_ptr<float>();
+  // the keys of task i (row i / G, key/value head i % G)
+  const auto keys_of = [&](int64_t i) { return kp + (i / G) * kb + (i % G) * kg; };
 #ifdef __AVX512F__
   if (const Task512<T> task = task512<T>(R, D)) {
     at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> s(R * W);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / G, g = i % G;
-        const T* knext = i + 1 < end ? kp + ((i + 1) / G) * kb + ((i + 1) % G) * kg : nullptr;
-        task(qp + i * R * D, kp + b * kb + g * kg, kw, vp + b * vb + g * vg, vw,
+        task(qp + i * R * D, keys_of(i), kw, vp + b * vb + g * vg, vw,
              mask == nullptr ? nullptr : mask + b * mask_row_stride, mask_col_stride, scale, W, s.data(), op + i * R * D,
-             knext);
+             i + 1 < end ? keys_of(i + 1) : nullptr);
       }
     });
     return;
@@ -248,7 +249,7 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     std::vector<float> buf(8 * D), qs(R * D), s(R * W);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / G, g = i % G;
-      const T* kbase = kp + b * kb + g * kg;
+      const T* kbase = keys_of(i);
       const T* vbase = vp + b * vb + g * vg;
       for (int64_t j = 0; j < R * D; ++j) qs[j] = qp[i * R * D + j] * scale;
       // scores
@@ -273,7 +274,7 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 #ifdef __AVX2__
       for (; w + 4 <= W; w += 4) {
         if (i + 1 < end && w < kAhead)  // the next task's first keys
-          prefetch_rows(kp + ((i + 1) / G) * kb + ((i + 1) % G) * kg, kw, w, 4, W, D, true);
+          prefetch_rows(keys_of(i + 1), kw, w, 4, W, D, true);
         axpy4_rows(s.data() + w, W, as_rows(vbase + w * vw, vw, 4, buf.data(), D), row_stride<T>(vw, D), obase, R, D);
       }
 #endif

@@ -161,9 +161,9 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     from trl import SFTConfig, SFTTrainer
 
     from esr_train.dtype import resolve_dtype
+    from esr_train.elementwise import compiled_elementwise
     from esr_train.training.adapter_casts import adapter_input_casts_off
     from esr_train.training.labelled_head import labelled_positions_only
-    from esr_train.training.compiled_norms import compiled_norms
     from esr_train.training.logprob_tiles import compiled_logprob_tiles
     from esr_train.training.tokenize import tokenize_dataset
     from esr_train.training.unlikelihood import UNLIKELY_COLUMN, trainer_class
@@ -260,7 +260,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
         common["unlikely_floor"] = extras.unlikely_floor
     trainer = trainer_cls(**common)
     with labelled_positions_only(), compiled_logprob_tiles() as compiled_head, \
-            adapter_input_casts_off(trainer) as casts_off, compiled_norms(trainer.model) as norms_compiled:
+            adapter_input_casts_off(trainer) as casts_off, compiled_elementwise(trainer.model, with_grad=True) as norms_compiled:
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=last if resume and last else None)
         wall = time.perf_counter() - t0
