@@ -375,5 +375,16 @@ def test_perplexity_holds_a_bounded_number_of_logits_and_does_not_depend_on_grou
     together = answer_perplexity(model, tok, prompts, answers, batch_size=8)
     one_by_one = answer_perplexity(model, tok, prompts, answers, batch_size=8, logits_budget=1)
     assert together == pytest.approx(one_by_one, rel=1e-5)
+    # against the definition: each row alone, log-softmax over the vocabulary, answer tokens only
+    from esr_train.generation import render_prompt
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for p, a in zip(prompts, answers):
+            head = tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"]
+            full = tok(render_prompt(tok, p) + a, add_special_tokens=False)["input_ids"]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].double(), -1)
+            nll -= sum(float(logp[t - 1, full[t]]) for t in range(len(head), len(full)))
+            count += len(full) - len(head)
+    assert together == pytest.approx(math.exp(nll / count), rel=1e-5)
     # a different answer set gives a different value (the comparison above could fail)
     assert answer_perplexity(model, tok, prompts, answers[::-1], batch_size=8) != pytest.approx(together, rel=1e-3)
