@@ -36,7 +36,7 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 
 @lru_cache(maxsize=2)
 def load_kernel(cache_root: str | None = None):
-    """The compiled extension (built into ``<cache>/kernels`` on first use, about a minute
+    """The compiled extension (built into ``<cache>/kernels`` on first use, 10-12 s
     on two cores, or by ``esr models --prepare``; later processes load it), or None where
     it cannot be built or is turned off."""
     if os.environ.get("ESR_DECODE_ATTENTION", "").lower() == "sdpa":

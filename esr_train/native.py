@@ -35,7 +35,7 @@ def compiler_flags() -> list[str]:
 
 
 def build(stem: str, source: str, what: str, cache_root: str | None = None):
-    """The compiled extension for ``csrc/<source>`` (built on first use, about a minute on two
+    """The compiled extension for ``csrc/<source>`` (built on first use, 10-12 s on two
     cores), or None where it cannot be built; ``what`` names it in the one warning."""
     from esr_train.cache import cache_dir
 

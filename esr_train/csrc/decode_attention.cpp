@@ -3,8 +3,7 @@
 // one task: its R query heads' scores against every cached key (each key row read once for
 // all R), the padding mask, the softmax, and the weighted sum of the value rows (each read
 // once), all in float32 whatever the cache's dtype.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "torch_headers.h"
 #include <cmath>
 #include <cstring>
 #include <limits>

@@ -9,8 +9,7 @@
 // No fused multiply-adds where the source has a product then a sum: GCC contracts them by default,
 // and transformers rounds the product first.
 #pragma GCC optimize("fp-contract=off")
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "torch_headers.h"
 #include <cmath>
 #include <cstdint>
 #include <cstring>

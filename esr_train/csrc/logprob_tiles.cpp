@@ -9,8 +9,7 @@
 // Arithmetic is float32 throughout, in the order TRL's torch fallback uses; sums run in a
 // different order and exp is a polynomial (vec_math.h, about 1e-7 relative), so results agree with TRL's to
 // float32 rounding, not bit for bit.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "torch_headers.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

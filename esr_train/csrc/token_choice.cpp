@@ -10,8 +10,7 @@
 // Arithmetic is float32 as torch's; the exps are a polynomial (vec_math.h, about 1e-7 relative) and
 // the sums run in another order, so a draw can differ from torch's only where u lies within
 // rounding of a boundary between two tokens' cumulative sums.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "torch_headers.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -108,20 +107,20 @@ int64_t draw(const float* e, int64_t n, const double* blocks, float u) {
 }  // namespace
 
 // logits [B, V] float32 (rows contiguous), ids [B, T] int64, pad [B] int64, uniforms [B] float32 (read when sampling)
-torch::Tensor choose(const torch::Tensor& logits, const torch::Tensor& ids, const torch::Tensor& pad, double penalty,
-                     double temperature, const torch::Tensor& uniforms, bool sample) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.stride(1) == 1,
+at::Tensor choose(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& pad, double penalty,
+                     double temperature, const at::Tensor& uniforms, bool sample) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
               "token_choice: logits must be [B, V] float32 with contiguous rows");
-  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == torch::kLong && ids.is_contiguous() && ids.size(0) == logits.size(0),
+  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.size(0) == logits.size(0),
               "token_choice: ids must be contiguous [B, T] int64");
-  TORCH_CHECK(pad.dim() == 1 && pad.scalar_type() == torch::kLong && pad.is_contiguous() && pad.size(0) == logits.size(0),
+  TORCH_CHECK(pad.dim() == 1 && pad.scalar_type() == at::kLong && pad.is_contiguous() && pad.size(0) == logits.size(0),
               "token_choice: pad must be contiguous [B] int64");
-  TORCH_CHECK(!sample || (uniforms.dim() == 1 && uniforms.scalar_type() == torch::kFloat32 && uniforms.is_contiguous()
+  TORCH_CHECK(!sample || (uniforms.dim() == 1 && uniforms.scalar_type() == at::kFloat && uniforms.is_contiguous()
                           && uniforms.size(0) == logits.size(0)),
               "token_choice: uniforms must be contiguous [B] float32");
   TORCH_CHECK(!sample || temperature > 0, "token_choice: temperature must be positive");
   const int64_t rows = logits.size(0), vocab = logits.size(1), width = ids.size(1);
-  auto out = torch::empty({rows}, torch::kLong);
+  auto out = at::empty({rows}, at::kLong);
   if (vocab == 0) return out.fill_(-1);
   const float* L = logits.data_ptr<float>();
   const int64_t stride = logits.stride(0);
