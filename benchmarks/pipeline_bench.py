@@ -7,7 +7,8 @@ Rows: ``quick_pipeline_s`` (wall; baseline: the 600 s target, so ratio <= 1 pass
 note gives the stage breakdown), ``quick_pipeline_<stage>_s`` per stage (read from the
 ``pipeline.json`` the pipeline writes in its run directory), and
 ``quick_pipeline_peak_rss_mb``: the largest resident set of the pipeline process, in MiB,
-as it records it after each stage (``VmHWM`` on Linux; not a sum over processes). Not the
+as it records it after each stage (``VmHWM`` on Linux, restarted at each stage so the note
+gives each stage's own peak; not a sum over processes). Not the
 child's ``ru_maxrss`` from ``wait4``: exec keeps the high-water mark of the process that
 forked it, so run from ``python -m benchmarks`` after the in-process benchmarks it read the
 parent's 5966 MiB where the pipeline peaked at 3532 (docs/performance.md P22); it is the
@@ -76,12 +77,17 @@ def measure(argv=None) -> list[dict]:
     rows += [make_row(f"{name}_pipeline_{stage}_s", s, "s", meta=meta, note=f"stage {stage} of {name}_pipeline_s")
              for stage, s in seconds.items()]
     peaks = {stage: info["peak_rss_mib"] for stage, info in stages.items() if "peak_rss_mib" in info}
-    marks = ", ".join(f"{stage} {mib:.0f}" for stage, mib in peaks.items())
+    own = {stage: info.get("stage_peak_rss_mib") for stage, info in stages.items()}
+    if peaks and all(own.values()):
+        note = ("high-water mark of the pipeline process (VmHWM on Linux; one process, not a sum); each stage's own "
+                "peak (MiB): " + ", ".join(f"{stage} {mib:.0f}" for stage, mib in own.items()))
+    elif peaks:
+        note = ("high-water mark of the pipeline process (VmHWM on Linux; one process, not a sum); after each stage "
+                "(MiB): " + ", ".join(f"{stage} {mib:.0f}" for stage, mib in peaks.items()))
+    else:
+        note = "ru_maxrss of the pipeline process from wait4 (the stages recorded none)"
     rows.append(make_row(f"{name}_pipeline_peak_rss_mb", round(max(peaks.values()) if peaks else rss, 1), "MiB",
-                         meta=meta,
-                         note=("high-water mark of the pipeline process (VmHWM on Linux; one process, not a sum); "
-                               f"after each stage (MiB): {marks}" if peaks else
-                               "ru_maxrss of the pipeline process from wait4 (the stages recorded none)")))
+                         meta=meta, note=note))
     return rows
 
 
