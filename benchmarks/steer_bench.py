@@ -1,13 +1,14 @@
 """Steered generation throughput for smollm2-135m on a realistic eval batch, in one run.
 
-    python -m benchmarks.steer_bench [--n 128] [--grid 2] [--batch-size 128] [--tokens 256] [--json out.json]
+    python -m benchmarks.steer_bench [--n 128] [--grid 4] [--batch-size 256] [--tokens 256] [--json out.json]
 
 The batch: ``--n`` prompts of the bundled test split (mixed lengths), sampled
 (temperature 0.6, repetition penalty 1.1) up to ``--tokens`` new tokens, so rows finish
 at different times; every row is steered at strength 0.3 toward one of 4 held-out
 concept directions (per-row steering, the eval harness's path); ``--grid K`` asks each
 prompt K times, toward K different concepts, as the eval's prompt x subject trials do (with
-``--batch-size 128``, the shipped recipes' eval batch). The same batch runs on
+``--batch-size 256``, the SmolLM2 recipe's eval batch; the 98 test prompts x 4 make 392 trials, so
+rows still wait for free slots). The same batch runs on
 
 * the decode loop with refill (``engine="decode"``): finished rows leave, waiting
   prompts take their slots -> ``steered_generation_tok_s``;
@@ -52,10 +53,10 @@ def _generated_tokens(tok, texts: list[str]) -> int:
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=128, help="prompts in the batched runs")
-    parser.add_argument("--grid", type=int, default=2, help="trials per prompt, each toward another concept")
+    parser.add_argument("--grid", type=int, default=4, help="trials per prompt, each toward another concept")
     parser.add_argument("--tokens", type=int, default=256, help="max new tokens")
-    parser.add_argument("--batch-size", type=int, default=128,
-                        help="rows per step: the shipped recipes' eval batch (docs/performance.md P3, P19)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="rows per step: the SmolLM2 recipe's eval batch (docs/performance.md P3, P19, P26)")
     parser.add_argument("--naive", type=int, default=4, help="prompts timed one at a time")
     parser.add_argument("--json", help="write the rows here")
     return parser.parse_args(argv)
