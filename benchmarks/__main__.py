@@ -6,7 +6,7 @@ same rows as a JSON list of objects (keys in ``benchmarks.report.ROW_KEYS``; rat
 shares as fractions). Baselines and ceilings are measured in the same run (the machine is
 noisy; ratios travel, absolute numbers do not), except the pipeline's 600 s target.
 
-Full run: steered generation (the 98 test prompts x 2 concepts at batch 128, <= 256 new tokens), LoRA training (6 steps, the rate over steps 2-6),
+Full run: steered generation (the 98 test prompts x 4 concepts, 392 trials, at batch 256, <= 256 new tokens), LoRA training (6 steps, the rate over steps 2-6),
 on-policy data generation (48 rows) and ``esr pipeline recipes/quick.yaml`` (about 10
 minutes; skip it with ``--no-pipeline``). ``--quick``: 16 prompts at batch 8, <= 48
 tokens, naive baselines on 2 prompts / 2 transcripts, 3 train steps, 8 rows with answers

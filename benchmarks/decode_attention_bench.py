@@ -114,7 +114,7 @@ def linears_ms(m: Shapes, batch: int, dtype: torch.dtype) -> tuple[float, float]
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="a bundled model (its config gives the shapes)")
-    parser.add_argument("--batch", type=int, default=128, help="rows per step (recipes/smollm2-135m.yaml's eval)")
+    parser.add_argument("--batch", type=int, default=128, help="rows per step (128: P16-P25's step; the eval now runs 256)")
     parser.add_argument("--widths", type=int, nargs="+", default=[100, 200, 300], help="cache columns")
     args = parser.parse_args(argv)
 

@@ -78,12 +78,11 @@ def measure(argv=None) -> list[dict]:
              for stage, s in seconds.items()]
     peaks = {stage: info["peak_rss_mib"] for stage, info in stages.items() if "peak_rss_mib" in info}
     own = {stage: info.get("stage_peak_rss_mib") for stage, info in stages.items()}
+    what = "high-water mark of the pipeline process (VmHWM on Linux; one process, not a sum); "
     if peaks and all(own.values()):
-        note = ("high-water mark of the pipeline process (VmHWM on Linux; one process, not a sum); each stage's own "
-                "peak (MiB): " + ", ".join(f"{stage} {mib:.0f}" for stage, mib in own.items()))
+        note = what + "each stage's own peak (MiB): " + ", ".join(f"{stage} {mib:.0f}" for stage, mib in own.items())
     elif peaks:
-        note = ("high-water mark of the pipeline process (VmHWM on Linux; one process, not a sum); after each stage "
-                "(MiB): " + ", ".join(f"{stage} {mib:.0f}" for stage, mib in peaks.items()))
+        note = what + "after each stage (MiB): " + ", ".join(f"{stage} {mib:.0f}" for stage, mib in peaks.items())
     else:
         note = "ru_maxrss of the pipeline process from wait4 (the stages recorded none)"
     rows.append(make_row(f"{name}_pipeline_peak_rss_mb", round(max(peaks.values()) if peaks else rss, 1), "MiB",

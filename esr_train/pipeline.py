@@ -193,8 +193,9 @@ def maxrss_mib(ru_maxrss: int) -> float:
 
 
 def peak_rss_mib() -> float:
-    """This process's resident-set high-water mark so far, in MiB. Recorded after each
-    stage, it shows which stage set the pipeline's peak.
+    """This process's resident-set high-water mark, in MiB: since it started, or since the
+    last :func:`restart_peak_rss` (the pipeline restarts it at each stage, so read after a
+    stage it is that stage's own peak).
 
     On Linux it is ``VmHWM`` (of this process image). ``ru_maxrss`` is not: exec keeps the
     high-water mark of the process that forked it, so a pipeline started from a large
@@ -216,14 +217,16 @@ def release_freed_memory() -> None:
     otherwise stay in the process's heap and the next stage's peak lands on top of them (R49's
     eval stage read 10,028 MiB after train3's 6,320; the eval alone peaks at 3.5 GB, P26)."""
     import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # the caching allocator's blocks, for the next stage's model
     if not sys.platform.startswith("linux"):
         return
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)  # the C library already loaded
     except (OSError, AttributeError):  # a C library without malloc_trim (musl)
         pass
 

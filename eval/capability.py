@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 LOGITS_BUDGET = 256 * 2**20
-"""Most logits (floats) one forward pass may hold: rows x width x vocabulary. Gemma 3's
+"""Most logits (elements, in the model's dtype) one forward pass may hold: rows x width x vocabulary. Gemma 3's
 262k vocabulary at the eval batch of 64 and ~200 tokens is 3.4 G floats (13 GB), which
 was the 11.6 GB peak of a Gemma evaluation (docs/results.md R14); rows beyond the budget
 go in further passes. The logits stay in the model's dtype; only one row's answer positions
@@ -56,10 +56,14 @@ def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequenc
             labels[row, len(h):len(f)] = torch.tensor(f[len(h):])
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         # one row's answer positions at a time in float32: a float copy of the whole pass, and
-        # cross_entropy's log-softmax of it, were 2.7 GB of a 6 GB evaluation (P26)
-        for row, targets in enumerate(labels[:, 1:].to(device)):
-            answer = targets != -100
-            total_nll += float(torch.nn.functional.cross_entropy(logits[row, :-1][answer].float(), targets[answer],
-                                                                 reduction="sum"))
-            total_tokens += int(answer.sum())
+        # cross_entropy's log-softmax of it, were 2.7 GB of a 6 GB evaluation (P26). Position
+        # t - 1 predicts token t; the answer is tokens [len(h), len(f)) of each row.
+        nll = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for row, (h, f) in enumerate(chunk):
+            first = max(len(h), 1)
+            if len(f) > first:
+                nll += torch.nn.functional.cross_entropy(logits[row, first - 1:len(f) - 1].float(),
+                                                         labels[row, first:len(f)].to(logits.device), reduction="sum")
+                total_tokens += len(f) - first
+        total_nll += float(nll)
     return math.exp(total_nll / total_tokens) if total_tokens else None

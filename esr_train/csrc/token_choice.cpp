@@ -108,7 +108,7 @@ int64_t draw(const float* e, int64_t n, const double* blocks, float u) {
 
 // logits [B, V] float32 (rows contiguous), ids [B, T] int64, pad [B] int64, uniforms [B] float32 (read when sampling)
 at::Tensor choose(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& pad, double penalty,
-                     double temperature, const at::Tensor& uniforms, bool sample) {
+                  double temperature, const at::Tensor& uniforms, bool sample) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
               "token_choice: logits must be [B, V] float32 with contiguous rows");
   TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.size(0) == logits.size(0),
