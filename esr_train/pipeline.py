@@ -233,7 +233,9 @@ def release_freed_memory() -> None:
 
 def restart_peak_rss() -> bool:
     """Start a new high-water mark at the current RSS (Linux: ``clear_refs`` 5), so that the
-    next :func:`peak_rss_mib` is one stage's own peak; False where that is not allowed."""
+    next :func:`peak_rss_mib` is one stage's own peak; False where that is not allowed. The
+    kernel's mark is the one ``getrusage`` and ``/usr/bin/time`` read too, so for a pipeline
+    they see only its last stage's peak; ``pipeline.json`` keeps the run's (R51)."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
             refs.write("5")
@@ -290,4 +292,6 @@ def describe(result: dict) -> str:
         return f"  peak {info['stage_peak_rss_mib']:8.1f} MiB" if info.get("stage_peak_rss_mib") else ""
 
     return "\n".join(f"  {name:9s} {info['seconds']:7.1f}s{peak(info)}" for name, info in result["stages"].items()) + \
-        "\n" + json.dumps({"total_s": round(sum(i["seconds"] for i in result["stages"].values()), 1)})
+        "\n" + json.dumps({"total_s": round(sum(i["seconds"] for i in result["stages"].values()), 1),
+                           "peak_rss_mib": max((i.get("peak_rss_mib") or 0 for i in result["stages"].values()),
+                                               default=0)})
