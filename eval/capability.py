@@ -49,11 +49,9 @@ def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequenc
         width = max(len(f) for _, f in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
         for row, (h, f) in enumerate(chunk):
             ids[row, :len(f)] = torch.tensor(f)
             mask[row, :len(f)] = 1
-            labels[row, len(h):len(f)] = torch.tensor(f[len(h):])
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         # one row's answer positions at a time in float32: a float copy of the whole pass, and
         # cross_entropy's log-softmax of it, were 2.7 GB of a 6 GB evaluation (P26). Position
@@ -63,7 +61,7 @@ def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequenc
             first = max(len(h), 1)
             if len(f) > first:
                 nll += torch.nn.functional.cross_entropy(logits[row, first - 1:len(f) - 1].float(),
-                                                         labels[row, first:len(f)].to(logits.device), reduction="sum")
+                                                         ids[row, first:len(f)].to(logits.device), reduction="sum")
                 total_tokens += len(f) - first
         total_nll += float(nll)
     return math.exp(total_nll / total_tokens) if total_tokens else None
