@@ -333,22 +333,60 @@ def _judge(args) -> int:
 
 
 def _add_judge_agreement(sub) -> None:
-    p = sub.add_parser("judge-agreement", help="compare two judges' outputs of the same rows (esr judge files)")
-    p.add_argument("a", help="judged JSONL of judge A")
-    p.add_argument("b", help="judged JSONL of judge B")
+    p = sub.add_parser("judge-agreement",
+                       help="agreement of a judge with human labels (--labels), or of two judges' outputs (A B)")
+    p.add_argument("a", nargs="?", help="judged JSONL of judge A (with B: compare two judges)")
+    p.add_argument("b", nargs="?", help="judged JSONL of judge B")
+    p.add_argument("--labels", nargs="+", metavar="PATH",
+                   help="labelled JSONL files or folders (the shipped set: eval/judge_set); judged with --judge")
+    p.add_argument("--out", help="with --labels: folder for the judged rows and agreement.json "
+                                 "(default: runs/judge-agreement/JUDGE; resumes if it exists)")
+    p.add_argument("--judge", choices=["offline", "llm"], default="offline", help="with --labels: the judge to check")
+    p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint for --judge llm")
+    p.add_argument("--judge-model", help="model name for --judge llm")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--concurrency", type=int, default=4, help="parallel requests for --judge llm")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_judge_agreement)
 
 
 def _judge_agreement(args) -> int:
-    from eval.judge_files import format_agreement, judge_agreement
+    from eval.judge_files import JudgeFileError, format_agreement, judge_agreement, read_judge_rows
 
-    def rows(path):
-        with open(path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-
-    result = judge_agreement(rows(args.a), rows(args.b))
+    if args.labels:
+        if args.a or args.b:
+            raise JudgeFileError("give either --labels or two judged files, not both")
+        return _label_agreement(args)
+    if not (args.a and args.b):
+        raise JudgeFileError("give two judged files A B, or --labels PATH")
+    result = judge_agreement(read_judge_rows(args.a), read_judge_rows(args.b))
     print(json.dumps(result, indent=2) if args.json else format_agreement(result))
+    return 0
+
+
+def _label_agreement(args) -> int:
+    from pathlib import Path
+
+    from esr_train.cache import atomic_write_json, atomic_write_text
+    from eval.config import EvalConfig
+    from eval.harness import make_judge
+    from eval.judge_files import judge_file, read_judge_rows
+    from eval.labelled import format_label_agreement, label_agreement, read_labelled
+
+    labelled = read_labelled(args.labels)
+    judge = make_judge(EvalConfig(judge=args.judge, judge_base_url=args.judge_base_url, judge_model=args.judge_model,
+                                  judge_api_key_env=args.judge_api_key_env, judge_concurrency=args.concurrency))
+    out = Path(args.out or Path("runs") / "judge-agreement" / judge.name.replace(":", "_"))
+    inputs = out / "labelled.jsonl"
+    atomic_write_text(inputs, "".join(json.dumps({k: r.get(k, "") for k in ("id", "source", "prompt", "response",
+                                                                             "concept")}, ensure_ascii=False) + "\n"
+                                      for r in labelled))
+    counts = judge_file(inputs, out / "judged.jsonl", judge)
+    result = label_agreement(labelled, read_judge_rows(out / "judged.jsonl"))
+    result["judge"] = judge.name
+    atomic_write_json(out / "agreement.json", result)
+    print(json.dumps(result, indent=2) if args.json else format_label_agreement(result))
+    print(f"judge {judge.name}: {counts['rows']} rows, {counts['errors']} errors; {out}/agreement.json")
     return 0
 
 

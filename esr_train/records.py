@@ -118,8 +118,13 @@ class RecordFile:
 def json_objects(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line of a user's JSONL file; a line that
     is not a JSON object raises ``error`` naming the file and line."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise error(f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1} of the line); "
+                            "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

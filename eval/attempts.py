@@ -36,9 +36,12 @@ __all__ = [
     "Attempt",
     "FOLLOWUP_PATTERNS",
     "OPENER_PATTERNS",
+    "REPAIR_PATTERNS",
     "RESTART_PATTERNS",
     "find_restarts",
     "has_restart",
+    "only_commentary",
+    "restart_phrase_starts",
     "split_attempts",
 ]
 
@@ -138,7 +141,9 @@ _RESTART_VERB = (
     r"|start\s+(?:over|again|afresh|fresh|anew|from\s+scratch|from\s+the\s+(?:top|beginning))"
     r"|restart|begin\s+again|re-?start\s+(?:my|the|this)\s+answer"
     r"|give\s+(?:it|that|this)\s+another\s+(?:try|shot|go)|take\s+another\s+(?:stab|shot|crack|try)"
-    r"|reconsider\b|rethink\b|redo\s+(?:that|this|my)|correct\s+(?:that|this|myself|my)"
+    r"|reconsider\b|rethink\b|redo\b|re(?:calculate|phrase|word|write|state)\s+(?:that|this|it|my|the\s+answer)"
+    r"|say\s+(?:that|this|it)\s+again|(?:do|answer)\s+(?:that|this|it)\s+(?:again|over)"
+    r"|correct\s+(?:that|this|myself|my)"
     r"|revise\s+(?:that|this|my)|amend\s+(?:that|this|my)|retract\s+(?:that|this|my)"
     r"|get\s+back\s+on\s+track|get\s+(?:this|things)\s+back\s+on\s+track|refocus|stay\s+on\s+topic"
     rf"|(?:get|go|come|turn|head)\s+back\s+to\s+{_TOPIC}|return\s+to\s+{_TOPIC}|focus\s+on\s+{_TOPIC}"
@@ -178,6 +183,11 @@ FOLLOWUP_PATTERNS: tuple[re.Pattern[str], ...] = (
 )
 #: Every restart pattern; each must match at a sentence start (see module docstring).
 RESTART_PATTERNS: tuple[re.Pattern[str], ...] = OPENER_PATTERNS + FOLLOWUP_PATTERNS
+#: Patterns that are a repair on their own: an interjection with a correction, "I made a
+#: mistake", "scratch that", "where was I", a first-person restart statement. The others
+#: ("Oops,", "back to your question", "sorry about that", drift commentary) also occur as
+#: style or as a turn inside an answer that is not abandoned.
+REPAIR_PATTERNS: tuple[re.Pattern[str], ...] = OPENER_PATTERNS[:3] + (_compile(rf"{_PREFIX}{_C_RESTART}"),)
 
 # End of a sentence inside the gap between two restart phrases.
 _SENTENCE_END = re.compile(r"[.!?…]+(?=[\s\"'”’*_)\]]|$)|\n")
@@ -228,7 +238,7 @@ def _matches(text: str) -> list[_Match]:
     return found
 
 
-def _only_commentary(gap: str) -> bool:
+def only_commentary(gap: str) -> bool:
     """True when ``gap`` between two restart phrases is part of one restart.
 
     The gap runs from the end of one restart phrase to the start of the next.
@@ -255,7 +265,7 @@ def find_restarts(text: str) -> list[tuple[int, int]]:
     for m in _matches(text):
         if spans:
             gap = text[spans[-1][1] : m.start]
-            if m.start <= spans[-1][1] or not _ALNUM.search(gap) or (not m.opener and _only_commentary(gap)):
+            if m.start <= spans[-1][1] or not _ALNUM.search(gap) or (not m.opener and only_commentary(gap)):
                 spans[-1][1] = max(spans[-1][1], m.end)
                 continue
         spans.append([m.start, m.end])
@@ -265,6 +275,12 @@ def find_restarts(text: str) -> list[tuple[int, int]]:
 def has_restart(text: str) -> bool:
     """True when ``text`` contains explicit restart language at a sentence start."""
     return bool(_matches(text))
+
+
+def restart_phrase_starts(text: str) -> list[tuple[int, bool]]:
+    """``(offset, repair)`` where a restart phrase starts (each at a sentence start);
+    ``repair`` when a pattern of :data:`REPAIR_PATTERNS` matches there."""
+    return [(m.start, any(p.match(text, m.start) for p in REPAIR_PATTERNS)) for m in _matches(text)]
 
 
 def split_attempts(response: str) -> list[Attempt]:

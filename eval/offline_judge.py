@@ -1,5 +1,6 @@
-"""The offline judge: attempts split at explicit restart language, each scored 0-100 with
-the bundled sentence-embedding model. No network, deterministic, fast on a CPU.
+"""The offline judge: attempts split at restarts (:mod:`eval.restarts`: restart phrases and
+restart meaning), each attempt's answer scored 0-100 with the bundled sentence-embedding
+model. No network, deterministic, fast on a CPU.
 
 Scoring rule (documented in the README), for one attempt ``a`` of a response to prompt
 ``p`` while steered toward concept ``c``::
@@ -28,9 +29,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from statistics import median
 
-from eval.attempts import split_attempts
 from eval.judging import JudgeItem, JudgeResult
 from eval.metrics import degenerate_repetition
+from eval.restarts import RestartDetector, split_at
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,28 @@ def attempt_score(relevance: float, concept: float, anchors: Anchors) -> float:
     return round(100.0 * on_topic * (1.0 - drift), 2)
 
 
-class OfflineJudge:
-    """Judge protocol implementation (see :mod:`eval.judging`)."""
+def _embed_unique(texts: Sequence[str]):
+    """Embeddings of ``texts``, each distinct text embedded once (prompts and concepts repeat)."""
+    from esr_train.embeddings import embed
 
-    def __init__(self, anchors: Anchors | None = None, repetition_run: int = 5) -> None:
+    order = list(dict.fromkeys(texts))
+    index = {t: i for i, t in enumerate(order)}
+    return embed(order)[[index[t] for t in texts]]
+
+
+class OfflineJudge:
+    """Judge protocol implementation (see :mod:`eval.judging`). Attempts are split where
+    :class:`eval.restarts.RestartDetector` finds a restart; each attempt's ``text`` is its
+    answer alone and ``restart`` the text that announced it (None for the first), so the
+    announcement, even when it names the distraction, is never scored."""
+
+    def __init__(self, anchors: Anchors | None = None, repetition_run: int = 5,
+                 detector: RestartDetector | None = None) -> None:
         self.anchors = anchors or Anchors()
         self.repetition_run = repetition_run
-        digest = hashlib.sha1(json.dumps(asdict(self.anchors), sort_keys=True).encode()).hexdigest()[:8]
-        self.name = f"offline:minilm:{digest}"
+        self.detector = detector or RestartDetector()
+        key = json.dumps([asdict(self.anchors), repetition_run, self.detector.name], sort_keys=True)
+        self.name = f"offline:minilm:{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
     def calibrated(self, prompts: Sequence[str], references: Sequence[str], labels: Sequence[str]) -> "OfflineJudge":
         """A judge whose relevance anchors come from ``references`` (on-topic answers to
@@ -87,27 +102,30 @@ class OfflineJudge:
             return self
         anchors = replace(self.anchors, r_hi=round(r_hi, 4), r_lo=round(r_lo, 4),
                           c_lo=round(min(floor, self.anchors.c_hi - 0.1), 4))
-        return OfflineJudge(anchors, self.repetition_run)
+        return OfflineJudge(anchors, self.repetition_run, self.detector)
 
     def judge(self, items: Sequence[JudgeItem]) -> list[JudgeResult]:
         from esr_train.embeddings import embed
 
-        split = [[a.text for a in split_attempts(item.response)] for item in items]
-        flat = [(i, text) for i, texts in enumerate(split) for text in texts]
+        found = self.detector.find([it.response for it in items], [it.prompt for it in items],
+                                   [it.concept or "" for it in items])
+        split = [split_at(item.response, restarts) for item, restarts in zip(items, found)]
+        flat = [(i, body, opener) for i, parts in enumerate(split) for body, opener in parts]
+        results = [JudgeResult(details={"features": [], "restarts": [asdict(r) for r in restarts]})
+                   for restarts in found]
         if not flat:
-            return [JudgeResult() for _ in items]
-        A = embed([t for _, t in flat])
-        P = embed([items[i].prompt for i, _ in flat])
-        C = embed([items[i].concept or "" for i, _ in flat])
+            return results
+        A = embed([body for _, body, _ in flat])
+        P = _embed_unique([items[i].prompt for i, _, _ in flat])
+        C = _embed_unique([items[i].concept or "" for i, _, _ in flat])
         relevance = (A * P).sum(-1).tolist()
         concept = (A * C).sum(-1).tolist()
-        results = [JudgeResult(details={"features": []}) for _ in items]
-        for (i, text), rel, con in zip(flat, relevance, concept):
-            degenerate = degenerate_repetition(text, self.repetition_run)
+        for (i, body, opener), rel, con in zip(flat, relevance, concept):
+            degenerate = degenerate_repetition(body, self.repetition_run)
             if not items[i].concept:
                 con = self.anchors.c_lo  # unsteered control: nothing to resist
             score = 0.0 if degenerate else attempt_score(rel, con, self.anchors)
-            results[i].attempts.append({"text": text, "score": score})
+            results[i].attempts.append({"text": body, "score": score, "restart": opener})
             results[i].details["features"].append(
                 {"relevance": round(rel, 4), "concept": round(con, 4), "degenerate": degenerate})
         return results

@@ -70,14 +70,17 @@ def test_restart_at_the_start_has_no_empty_first_attempt(judge) -> None:
     response = "Wait, that's not right. To make tea, boil water, pour it over a tea bag in a cup and steep it."
     result = judged(judge, response)
     assert len(result.attempts) == 1
-    assert result.attempts[0]["text"] == response and scores(result)[0] > 70
+    # the announcement is not part of the answer scored after it
+    assert result.attempts[0]["text"] == response[len("Wait, that's not right. "):] and scores(result)[0] > 70
 
 
 def test_drift_then_restart_is_two_attempts_with_last_above_first(judge) -> None:
     answer = ("Wait, that's not right — to answer your question, boil water in a kettle, pour it over a tea bag "
               "in a cup, steep for three minutes and add milk if you like.")
     result = judged(judge, f"{VOLCANO_DRIFT} {answer}")
-    assert [a["text"] for a in result.attempts] == [VOLCANO_DRIFT, answer]
+    # the announcement, with its "to answer your question", is kept apart from the answer
+    assert [a["text"] for a in result.attempts] == [VOLCANO_DRIFT, answer[answer.index("boil"):]]
+    assert [a["restart"] for a in result.attempts] == [None, "Wait, that's not right — to answer your question,"]
     first, last = scores(result)
     assert first < 25 and last > 70 and last > first
 
@@ -174,7 +177,10 @@ def test_study_transcripts_attempts_and_score_direction(judge) -> None:
     sample = rows[::8]
     results = judge.judge([JudgeItem(r["prompt"], r["response"], "") for r in sample])
     for r, res in zip(sample, results):
-        assert [a["text"] for a in res.attempts] == [a.text for a in split_attempts(r["response"])]
+        # the same attempts as the phrase splitter, less the announcement that opens each
+        phrase_split = split_attempts(r["response"])
+        assert len(res.attempts) == len(phrase_split)
+        assert all(a["text"] in b.text for a, b in zip(res.attempts, phrase_split))
     agree_judged = sum((len(res.attempts) >= 2) == bool(r["self_correction"]) for r, res in zip(sample, results))
     assert agree_judged / len(sample) >= 0.95
     corrections = [res for r, res in zip(sample, results) if r["self_correction"]]
