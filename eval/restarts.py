@@ -20,7 +20,9 @@ restart when
   occurs as style, such as "Oops," or "Back to your question") and the text after it turns
   back toward the prompt: its cosine similarity to the prompt, minus that of the text
   before it (back to the previous span), plus the same fall in similarity to the steered
-  concept when there is one, is at least ``turn``.
+  concept when there is one, is at least ``turn``; or
+* it is a faint one (a clause scoring at least ``faint``) and the turn is at least
+  ``sharp_turn``.
 
 A span is never a restart when its clauses sit inside quoted speech or in a conditional
 sentence ("If it cracks, start again"), or when no answer text follows it. The span covers
@@ -207,8 +209,10 @@ class DetectorSettings:
 
     strong: float = 0.9
     weak: float = 0.65
+    faint: float = 0.4
     extend: float = 0.45
     turn: float = 0.3
+    sharp_turn: float = 0.6
     context_chars: int = 240
     c: float = 1.0
 
@@ -250,7 +254,7 @@ class RestartDetector:
     def __init__(self, settings: DetectorSettings | None = None) -> None:
         self.settings = settings or DetectorSettings()
         s = self.settings
-        self.name = f"restarts:{prototypes_digest()}:{s.strong}:{s.weak}:{s.extend}:{s.turn}:{s.context_chars}:{s.c}"
+        self.name = f"restarts:{prototypes_digest()}:{s.strong}:{s.weak}:{s.faint}:{s.extend}:{s.turn}:{s.sharp_turn}:{s.context_chars}:{s.c}"
 
     def meaning(self, texts: Sequence[str]) -> list[float]:
         """Probability that each clause is restart commentary."""
@@ -300,7 +304,8 @@ class RestartDetector:
                     turn = float((vec[after] - vec[before]) @ vec[prompt])
                     if concept:
                         turn += float((vec[before] - vec[after]) @ vec[concept])
-                if unmistakable or (turn is not None and turn >= s.turn):
+                likely = regex or p >= s.weak
+                if unmistakable or (turn is not None and turn >= (s.turn if likely else s.sharp_turn)):
                     restarts.append(Restart(lo, hi, round(p, 4), regex, None if turn is None else round(turn, 4)))
             found.append(restarts)
         return found
@@ -354,7 +359,7 @@ class RestartDetector:
         open_ = False
         for u, body, phrase, scored in rows:
             p = prob.get(body, 0.0) if scored else 0.0
-            candidate = phrase is not None or p >= s.weak
+            candidate = phrase is not None or p >= s.faint
             if candidate and spans and spans[-1][5] == u.sentence:
                 open_ = True  # the same sentence as the last span: one restart
             if not (candidate or (open_ and p >= s.extend)):
