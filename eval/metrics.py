@@ -32,6 +32,11 @@ __all__ = [
 ]
 
 
+DRIFT_SCORE = 50.0
+"""A first attempt scoring below this had drifted: a restart after it is a correction
+(``drift_restart_rate``), one after an on-topic opener may be a reflex to the push."""
+
+
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval for ``k`` successes in ``n`` trials; ``(0.0, 1.0)`` when n == 0."""
     if n < 0 or not 0 <= k <= n:
@@ -136,7 +141,8 @@ def summarize_trials(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Trials with a failed judge (a None score) are excluded and counted in
     ``n_errors``; trials with zero attempts (e.g. only a clarifying question)
     are excluded and counted in ``n_no_attempt``. ``n`` is the number of
-    remaining trials, the denominator of every rate and mean below except
+    remaining trials, the denominator of every rate and mean below (``drift_restart_rate``
+    counts multi-attempt trials whose first attempt scored below ``DRIFT_SCORE``) except
     ``improvement_rate`` (over multi-attempt trials) and ``mean_delta`` (mean of
     last - first over multi-attempt trials). Intervals are ``[lo, hi]`` lists.
     """
@@ -155,6 +161,7 @@ def summarize_trials(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     multi = [s for s in scored if len(s) >= 2]
     n_multi = len(multi)
     n_esr = sum(1 for s in multi if s[-1] > s[0])
+    n_drift_restart = sum(1 for s in multi if s[0] < DRIFT_SCORE)
     firsts = [s[0] for s in scored]
     lasts = [s[-1] for s in scored]
     deltas = [s[-1] - s[0] for s in multi]
@@ -162,6 +169,7 @@ def summarize_trials(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     multi_rate, multi_ci, multi_se = _rate(n_multi, n)
     esr_rate, esr_ci, esr_se = _rate(n_esr, n)
     improvement_rate, improvement_ci, _ = _rate(n_esr, n_multi)
+    drift_rate, drift_ci, drift_se = _rate(n_drift_restart, n)
 
     return {
         "n": n,
@@ -175,6 +183,10 @@ def summarize_trials(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "esr_rate": esr_rate,
         "esr_ci": esr_ci,
         "esr_se": esr_se,
+        "n_drift_restart": n_drift_restart,
+        "drift_restart_rate": drift_rate,
+        "drift_restart_ci": drift_ci,
+        "drift_restart_se": drift_se,
         "improvement_rate": improvement_rate,
         "improvement_ci": improvement_ci,
         "mean_first_score": fmean(firsts) if firsts else None,

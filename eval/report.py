@@ -165,7 +165,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
     one row per condition with the steered multi-attempt and ESR rates, the mean
     first-attempt score and the unsteered false-restart rate, each with its interval.
     Plain aligned columns, so it reads the same in a terminal and in a log file."""
-    headers = ["condition", "n", "multi-attempt", "ESR", "first score", "false restart (unsteered)"]
+    headers = ["condition", "n", "multi-attempt", "ESR", "drift, then restart", "first score",
+               "false restart (unsteered)"]
     rows = [headers]
     for name, cond in ordered_conditions(summary).items():
         st, un = cond.get("steered"), cond.get("unsteered")
@@ -174,6 +175,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
             _n_cell(st),
             _pct_ci(_m(st, "multi_attempt_rate"), _m(st, "multi_attempt_ci")),
             _pct_ci(_m(st, "esr_rate"), _m(st, "esr_ci")),
+            _pct_ci(_m(st, "drift_restart_rate"), _m(st, "drift_restart_ci")),
             _num_ci(_m(st, "mean_first_score"), _m(st, "mean_first_score_ci")),
             _pct_ci(_m(un, "multi_attempt_rate"), _m(un, "multi_attempt_ci")),
         ])

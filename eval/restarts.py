@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from functools import lru_cache
 from importlib import resources
 
@@ -252,9 +252,8 @@ class RestartDetector:
     """See the module docstring. ``find`` takes responses with their prompts, batched."""
 
     def __init__(self, settings: DetectorSettings | None = None) -> None:
-        self.settings = settings or DetectorSettings()
-        s = self.settings
-        self.name = f"restarts:{prototypes_digest()}:{s.strong}:{s.weak}:{s.faint}:{s.extend}:{s.turn}:{s.sharp_turn}:{s.context_chars}:{s.c}"
+        self.settings = s = settings or DetectorSettings()
+        self.name = ":".join(["restarts", prototypes_digest(), *map(str, astuple(s))])
 
     def meaning(self, texts: Sequence[str]) -> list[float]:
         """Probability that each clause is restart commentary."""

@@ -148,11 +148,19 @@ def test_summarize_has_all_protocol_keys() -> None:
         "n", "n_errors", "n_no_attempt", "multi_attempt_rate", "multi_attempt_ci", "multi_attempt_se",
         "esr_rate", "esr_ci", "esr_se", "improvement_rate", "improvement_ci", "mean_first_score",
         "mean_first_score_ci", "mean_first_score_se", "mean_last_score", "mean_delta", "mean_delta_ci",
-        "mean_delta_se", "n_multi_attempt", "n_esr",
+        "mean_delta_se", "n_multi_attempt", "n_esr", "n_drift_restart", "drift_restart_rate", "drift_restart_ci",
+        "drift_restart_se",
     }  # fmt: skip
     s = summarize_trials([trial(20, 80), trial(30)])
     assert set(s) == expected
     json.dumps(s, allow_nan=False)
+
+
+def test_drift_restart_needs_a_drifted_first_attempt() -> None:
+    # a restart after an on-topic opener (first 80) is a multi-attempt trial but no drift restart
+    s = summarize_trials([trial(20, 80), trial(49.9, 30), trial(80, 90), trial(50, 60), trial(10)])
+    assert (s["n_multi_attempt"], s["n_drift_restart"]) == (4, 2)
+    assert s["drift_restart_rate"] == 2 / 5 and s["drift_restart_ci"][0] < 0.4 < s["drift_restart_ci"][1]
 
 
 def test_equal_last_and_first_is_not_esr() -> None:
