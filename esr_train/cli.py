@@ -390,6 +390,24 @@ def _label_agreement(args) -> int:
     return 0
 
 
+def _add_rejudge(sub) -> None:
+    p = sub.add_parser("rejudge", help="judge a finished eval run's trials again with today's judge "
+                                       "(no generation); old and new rates side by side")
+    p.add_argument("run", help="eval run directory (holds eval_config.json, trials.jsonl, summary.json)")
+    p.add_argument("--out", required=True, help="new run directory (resumes if it exists)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_rejudge)
+
+
+def _rejudge(args) -> int:
+    from eval.rejudge import format_rejudge, rejudge_run
+
+    result = rejudge_run(args.run, args.out)
+    print(json.dumps(result, indent=2) if args.json else format_rejudge(result))
+    print(f"trials: {args.out}/trials.jsonl  summary: {args.out}/summary.json  both judges: {args.out}/rejudge.json")
+    return 0
+
+
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="write report.md / report.html with plots for one or more eval runs")
     p.add_argument("runs", nargs="+", help="eval run directories (several give a side-by-side table)")
@@ -477,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_judge(sub)
     _add_judge_agreement(sub)
+    _add_rejudge(sub)
     _add_report(sub)
     _add_pool(sub)
     _add_pipeline(sub)
