@@ -124,6 +124,16 @@ def test_bad_input_names_file_and_line(tmp_path: Path, line: str, words: str) ->
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_non_utf8_and_binary_input_name_the_line(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(json.dumps(INPUT[0]).encode() + b'\n{"prompt": "caf\xe9", "response": "r"}\n')
+    with pytest.raises(JudgeFileError, match=rf"^{re.escape(str(src))}:2: not UTF-8 text \(byte 16"):
+        read_judge_rows(src)
+    src.write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00\xb0\x00\n")
+    with pytest.raises(JudgeFileError, match=rf"^{re.escape(str(src))}:1: not UTF-8 text"):
+        read_judge_rows(src)
+
+
 def _row(i: int, scores: list[float] | None) -> dict:
     if scores is None:
         return {"row": i, "attempts": [], "error": "failed"}
