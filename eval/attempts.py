@@ -36,12 +36,14 @@ __all__ = [
     "Attempt",
     "FOLLOWUP_PATTERNS",
     "OPENER_PATTERNS",
+    "Phrase",
     "REPAIR_PATTERNS",
     "RESTART_PATTERNS",
+    "STATEMENT_PATTERN",
     "find_restarts",
     "has_restart",
     "only_commentary",
-    "restart_phrase_starts",
+    "restart_phrases",
     "split_attempts",
 ]
 
@@ -187,7 +189,8 @@ RESTART_PATTERNS: tuple[re.Pattern[str], ...] = OPENER_PATTERNS + FOLLOWUP_PATTE
 #: mistake", "scratch that", "where was I", a first-person restart statement. The others
 #: ("Oops,", "back to your question", "sorry about that", drift commentary) also occur as
 #: style or as a turn inside an answer that is not abandoned.
-REPAIR_PATTERNS: tuple[re.Pattern[str], ...] = OPENER_PATTERNS[:3] + (_compile(rf"{_PREFIX}{_C_RESTART}"),)
+STATEMENT_PATTERN: re.Pattern[str] = _compile(rf"{_PREFIX}{_C_RESTART}")
+REPAIR_PATTERNS: tuple[re.Pattern[str], ...] = OPENER_PATTERNS[:3] + (STATEMENT_PATTERN,)
 
 # End of a sentence inside the gap between two restart phrases.
 _SENTENCE_END = re.compile(r"[.!?…]+(?=[\s\"'”’*_)\]]|$)|\n")
@@ -277,10 +280,26 @@ def has_restart(text: str) -> bool:
     return bool(_matches(text))
 
 
-def restart_phrase_starts(text: str) -> list[tuple[int, bool]]:
-    """``(offset, repair)`` where a restart phrase starts (each at a sentence start);
-    ``repair`` when a pattern of :data:`REPAIR_PATTERNS` matches there."""
-    return [(m.start, any(p.match(text, m.start) for p in REPAIR_PATTERNS)) for m in _matches(text)]
+@dataclass(frozen=True)
+class Phrase:
+    """A restart phrase at ``text[start:end]``. ``repair``: a pattern of
+    :data:`REPAIR_PATTERNS` matches there; ``statement``: it announces the restart itself
+    ("Let me start over"), so what follows it is the new answer."""
+
+    start: int
+    end: int
+    repair: bool
+    statement: bool
+
+
+def restart_phrases(text: str) -> list[Phrase]:
+    """The restart phrases of ``text`` (each at a sentence start), in order."""
+    out = []
+    for m in _matches(text):
+        statement = STATEMENT_PATTERN.match(text, m.start)
+        out.append(Phrase(m.start, m.end, statement is not None or any(p.match(text, m.start) for p in REPAIR_PATTERNS),
+                          statement is not None))
+    return out
 
 
 def split_attempts(response: str) -> list[Attempt]:

@@ -17,12 +17,17 @@ restart when
 * it is an unmistakable repair: it holds a tier-1 repair phrase ("Wait, no", "I made a
   mistake", "Let me start over") or a clause scoring at least ``strong``; or
 * it is a likely repair (a clause scoring at least ``weak``, or a tier-1 phrase that also
-  occurs as style, such as "Oops," or "Back to your question") and the text after it turns
-  back toward the prompt: its cosine similarity to the prompt, minus that of the text
-  before it (back to the previous span), plus the same fall in similarity to the steered
-  concept when there is one, is at least ``turn``; or
-* it is a faint one (a clause scoring at least ``faint``) and the turn is at least
+  occurs as style, such as "Oops," or "Back to your question"), it abandons a drift toward
+  the steered concept, and the text after it turns back: the rise in cosine similarity to
+  the prompt from the text before it to the text after it, plus the fall in similarity to
+  the concept (which must fall), is at least ``turn``; or
+* it is a faint one (a clause scoring at least ``faint``) and that turn is at least
   ``sharp_turn``.
+
+The turn is measured only for a steered response (there is a concept to drift toward) and
+only when the text it abandons, back to the previous span, holds at least ``min_words``
+words: a chatty opener ("Great question!") is no attempt to abandon. An unsteered response
+restarts only with an unmistakable repair.
 
 A span is never a restart when its clauses sit inside quoted speech or in a conditional
 sentence ("If it cracks, start again"), or when no answer text follows it. The span covers
@@ -35,13 +40,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from functools import lru_cache
 from importlib import resources
 
 import torch
 
-from eval.attempts import only_commentary, restart_phrase_starts
+from eval.attempts import Phrase, only_commentary, restart_phrases
 
 __all__ = ["DetectorSettings", "Restart", "RestartDetector", "clauses", "load_prototypes", "split_at"]
 
@@ -53,6 +58,8 @@ _CLAUSE_SEP = re.compile(r"[,;:()]|\s[—–-]{1,2}\s|—|–|--")
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?")
 _ALNUM = re.compile(r"[^\W_]")
 _LETTER = re.compile(r"[^\W\d_]")
+# A restart statement run into the next sentence without punctuation: "...start over To park".
+_GLUED = re.compile(r"\s+(?=[A-Z])")
 _EDGE = " \t\r\n\"'“”‘’*_`>#-—–"
 # Interjections stripped before the conditional test ("Whoops, if the glue leaks, ...").
 _LEAD = re.compile(r"(?:(?:oh|ah|well|so|okay|ok|oops|whoops|now|and|but|then|also|just)\b[\s,.!—–-]*)*", re.I)
@@ -88,12 +95,13 @@ def _trim(text: str, lo: int, hi: int) -> tuple[int, int]:
     return lo, hi
 
 
-def sentences(text: str) -> list[tuple[int, int]]:
-    """``(start, end)`` of each sentence, covering the text: cut after . ! ? … and at
-    newlines; a piece without letters (a list number, a lone newline) joins the next."""
+def sentences(text: str, cuts: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """``(start, end)`` of each sentence, covering the text: cut after . ! ? … , at
+    newlines and at the offsets ``cuts``; a piece without letters (a list number, a lone
+    newline) joins the next."""
     out: list[tuple[int, int]] = []
     pos = start = 0
-    for end in [m.end() for m in _SENTENCE_END.finditer(text)] + [len(text)]:
+    for end in sorted({m.end() for m in _SENTENCE_END.finditer(text)} | set(cuts) | {len(text)}):
         if end > pos and _LETTER.search(text, pos, end):
             out.append((start, end))
             start = end
@@ -104,13 +112,13 @@ def sentences(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def clauses(text: str) -> list[Clause]:
-    """Clauses of ``text`` in order: sentences cut at , ; : ( ) and dashes, where a piece
+def clauses(text: str, cuts: Sequence[int] = ()) -> list[Clause]:
+    """Clauses of ``text`` in order: sentences (see :func:`sentences`) cut at , ; : ( ) and dashes, where a piece
     of at most two words ("Wait", "Hmm, no", "and") joins the piece after it (or, at the
     end of a sentence, the piece before it). Offsets index ``text``; edges are trimmed of
     whitespace, quotes, markdown markers and dashes."""
     out: list[Clause] = []
-    for index, (s_lo, s_hi) in enumerate(sentences(text)):
+    for index, (s_lo, s_hi) in enumerate(sentences(text, cuts)):
         pieces: list[list[int]] = []
         pos = s_lo
         for m in _CLAUSE_SEP.finditer(text, s_lo, s_hi):
@@ -207,14 +215,47 @@ def prototypes_digest() -> str:
 class DetectorSettings:
     """Thresholds of the decision rule in the module docstring."""
 
-    strong: float = 0.9
+    strong: float = 0.95
     weak: float = 0.65
     faint: float = 0.4
     extend: float = 0.45
     turn: float = 0.3
     sharp_turn: float = 0.6
+    min_words: int = 12
     context_chars: int = 240
     c: float = 1.0
+
+
+@dataclass
+class _Span:
+    """Adjacent clauses ``(start, end, meaning, phrase)`` of one candidate restart."""
+
+    parts: list[tuple[int, int, float, Phrase | None]]
+    sentence: int
+
+    @property
+    def start(self) -> int:
+        return self.parts[0][0]
+
+    @property
+    def end(self) -> int:
+        return self.parts[-1][1]
+
+    @property
+    def meaning(self) -> float:
+        return max(p for _, _, p, _ in self.parts)
+
+    @property
+    def repair(self) -> bool:
+        return any(ph is not None and ph.repair for *_, ph in self.parts)
+
+    @property
+    def phrase(self) -> bool:
+        return any(ph is not None for *_, ph in self.parts)
+
+    @property
+    def statement(self) -> bool:
+        return any(ph is not None and ph.statement for *_, ph in self.parts)
 
 
 @dataclass(frozen=True)
@@ -273,52 +314,58 @@ class RestartDetector:
 
         s = self.settings
         rows_of = [self._clause_rows(text) for text in responses]
-        texts = list(dict.fromkeys(body for rows in rows_of for _, body, _, scored in rows if scored))
+        texts = list(dict.fromkeys(body for rows, _ in rows_of for _, body, _, scored in rows if scored))
         prob = dict(zip(texts, self.meaning(texts)))
 
         # candidate spans, then the windows their turn-back test reads
         plans, windows = [], {}
         concepts = list(concepts) if concepts is not None else [""] * len(responses)
-        for text, prompt, concept, rows in zip(responses, prompts, concepts, rows_of):
+        for text, prompt, concept, (rows, cuts) in zip(responses, prompts, concepts, rows_of):
             plan, previous_end = [], 0
-            bounds = sentences(text)
-            for lo, hi, p, repair, phrase in self._spans(text, rows, prob):
+            bounds = sentences(text, cuts)
+            for span in self._spans(text, rows, prob):
+                lo, hi, p, repair, phrase = span.start, span.end, span.meaning, span.repair, span.phrase
                 before, after = self._context(text, bounds, lo, hi, previous_end)
-                previous_end = hi
+                previous_start, previous_end = previous_end, hi
                 if not _ALNUM.search(after):
                     continue  # nothing follows: no new attempt
                 unmistakable = repair or p >= s.strong
-                if not unmistakable and prompt and _ALNUM.search(before):
-                    windows.update(dict.fromkeys((after, before, prompt) + ((concept,) if concept else ())))
-                plan.append((lo, hi, p, repair or phrase, unmistakable, before, after))
+                abandoned = len(_WORD.findall(text, previous_start, lo)) >= s.min_words
+                measure = bool(not unmistakable and prompt and concept and abandoned and _ALNUM.search(before))
+                if measure:
+                    windows.update(dict.fromkeys((after, before, prompt, concept)))
+                plan.append((lo, hi, p, repair or phrase, unmistakable, measure, before, after))
             plans.append((prompt, concept, plan))
         vec = dict(zip(windows, embed(list(windows)))) if windows else {}
 
         found: list[list[Restart]] = []
         for prompt, concept, plan in plans:
             restarts = []
-            for lo, hi, p, regex, unmistakable, before, after in plan:
-                turn = None
-                if before in vec and after in vec and prompt in vec:
-                    turn = float((vec[after] - vec[before]) @ vec[prompt])
-                    if concept:
-                        turn += float((vec[before] - vec[after]) @ vec[concept])
+            for lo, hi, p, regex, unmistakable, measure, before, after in plan:
+                turn = away = None
+                if measure:
+                    away = float((vec[before] - vec[after]) @ vec[concept])
+                    turn = float((vec[after] - vec[before]) @ vec[prompt]) + away
                 likely = regex or p >= s.weak
-                if unmistakable or (turn is not None and turn >= (s.turn if likely else s.sharp_turn)):
+                turned = turn is not None and away > 0 and turn >= (s.turn if likely else s.sharp_turn)
+                if unmistakable or turned:
                     restarts.append(Restart(lo, hi, round(p, 4), regex, None if turn is None else round(turn, 4)))
             found.append(restarts)
         return found
 
     @staticmethod
-    def _clause_rows(text: str) -> list[tuple[Clause, str, tuple[bool, bool] | None, bool]]:
-        """Per clause: the clause, its text, the tier-1 phrase starting in it as
-        ``(phrase, repair)`` or None, and whether its meaning is scored. Quoted clauses and
-        the clauses of a conditional sentence are never candidates (phrase None, unscored)."""
+    def _clause_rows(text: str) -> tuple[list[tuple[Clause, str, Phrase | None, bool]], list[int]]:
+        """Per clause: the clause, its text, the tier-1 phrase starting in it (or None) and
+        whether its meaning is scored; and the extra sentence cuts used. Quoted clauses and
+        the clauses of a conditional sentence are never candidates (no phrase, unscored). A
+        restart statement glued to the next sentence ("Let me start over To park, ...") ends
+        a sentence of its own."""
         quoted = _quoted(text)
-        phrases = restart_phrase_starts(text)
+        phrases = restart_phrases(text)
+        cuts = [p.end for p in phrases if p.statement and _GLUED.match(text, p.end)]
         blocked_sentence = -1
-        rows = []
-        for u in clauses(text):
+        rows: list[tuple[Clause, str, Phrase | None, bool]] = []
+        for u in clauses(text, cuts):
             body = text[u.start:u.end]
             letters = [quoted[i] for i in range(u.start, u.end) if text[i].isalnum()]
             in_quote = sum(letters) * 2 >= len(letters) > 0
@@ -328,9 +375,11 @@ class RestartDetector:
             if in_quote or blocked_sentence == u.sentence:
                 rows.append((u, body, None, False))
                 continue
-            hits = [repair for pos, repair in phrases if u.start - 3 <= pos < u.end]
-            rows.append((u, body, (True, any(hits)) if hits else None, bool(_CUES.search(body))))
-        return rows
+            hits = [p for p in phrases if u.start - 3 <= p.start < u.end]
+            phrase = replace(hits[0], repair=any(p.repair for p in hits), statement=any(p.statement for p in hits)) \
+                if hits else None
+            rows.append((u, body, phrase, bool(_CUES.search(body))))
+        return rows, cuts
 
     def _context(self, text: str, bounds: list[tuple[int, int]], lo: int, hi: int,
                  floor: int) -> tuple[str, str]:
@@ -348,39 +397,56 @@ class RestartDetector:
         n = self.settings.context_chars
         return text[max(start, floor, lo - n):lo].strip(), text[hi:min(end, hi + n)].strip()
 
-    def _spans(self, text: str, rows, prob) -> list[tuple[int, int, float, bool, bool]]:
-        """Candidate spans ``(start, end, best meaning, repair phrase, any phrase)``: runs of
-        adjacent candidate clauses; a run goes on over clauses scoring ``extend``, two runs in
-        one sentence are one span, and so are two runs with only the rest of the first's
-        sentence and at most one sentence of commentary between them."""
+    def _spans(self, text: str, rows, prob) -> list[_Span]:
+        """Candidate spans: runs of adjacent candidate clauses (a tier-1 phrase, or meaning
+        at least ``faint``). A run goes on over clauses scoring ``extend``; two runs in one
+        sentence are one span, and so are two runs with only the rest of the first's
+        sentence and at most one sentence of commentary between them. A run that holds a
+        restart statement ("Let me start over") ends there unless likely commentary
+        follows: the new answer starts after it. A run's leading clauses are dropped until
+        the text before it (back to the previous run) holds ``min_words`` words, or one word
+        before a repair phrase: a restart needs an attempt to abandon."""
         s = self.settings
-        spans: list[list] = []
+        spans: list[_Span] = []
         open_ = False
         for u, body, phrase, scored in rows:
             p = prob.get(body, 0.0) if scored else 0.0
             candidate = phrase is not None or p >= s.faint
-            if candidate and spans and spans[-1][5] == u.sentence:
+            last = spans[-1] if spans else None
+            if last is not None and last.statement:
+                open_ = open_ and (phrase is not None or p >= s.weak)
+            elif candidate and last is not None and last.sentence == u.sentence:
                 open_ = True  # the same sentence as the last span: one restart
-            if not (candidate or (open_ and p >= s.extend)):
-                open_ = False
+            elif not candidate:
+                open_ = open_ and p >= s.extend
+            if not (candidate or open_):
                 continue
-            if open_:
-                span = spans[-1]
-                span[1], span[2] = u.end, max(span[2], p)
-                span[3] |= bool(phrase and phrase[1])
-                span[4] |= phrase is not None
-                span[5] = u.sentence
+            if open_ and last is not None:
+                last.parts.append((u.start, u.end, p, phrase))
+                last.sentence = u.sentence
             else:
-                spans.append([u.start, u.end, p, bool(phrase and phrase[1]), phrase is not None, u.sentence])
+                spans.append(_Span([(u.start, u.end, p, phrase)], u.sentence))
             open_ = True
-        merged: list[list] = []
+        # a restart abandons an attempt: a span's leading clauses of meaning alone are dropped
+        # until at least min_words words precede it (a repair phrase needs only one)
+        kept: list[_Span] = []
         for span in spans:
-            if merged:
+            floor = kept[-1].end if kept else 0
+            while span.parts:
+                lo, _, _, phrase = span.parts[0]
+                need = 1 if phrase is not None and phrase.repair else s.min_words
+                if len(_WORD.findall(text, floor, lo)) >= need:
+                    break
+                span.parts.pop(0)
+            if span.parts:
+                kept.append(span)
+        merged: list[_Span] = []
+        for span in kept:
+            if merged and not merged[-1].statement:
                 last = merged[-1]
-                gap = text[last[1]:span[0]]
-                ended = bool(_SENTENCE_END.match(text, max(last[1] - 1, 0))) or last[1] == 0
-                if only_commentary(("." if ended else "") + gap):
-                    last[1], last[2], last[3], last[4] = span[1], max(last[2], span[2]), last[3] | span[3], last[4] | span[4]
+                ended = bool(_SENTENCE_END.match(text, max(last.end - 1, 0)))
+                if only_commentary(("." if ended else "") + text[last.end:span.start]):
+                    last.parts += span.parts
                     continue
             merged.append(span)
-        return [(lo, hi, p, repair, any_) for lo, hi, p, repair, any_, _ in merged]
+        return merged

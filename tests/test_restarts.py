@@ -187,9 +187,14 @@ def test_label_agreement_hand_computed() -> None:
 def test_shipped_labelled_set_meets_the_goals(judge) -> None:
     rows = read_labelled([JUDGE_SET])
     assert sum(r["source"].startswith("hand:") for r in rows) >= 100
+    assert sum(r["source"].startswith("model:") for r in rows) >= 250
     results = judge.judge([JudgeItem(r["prompt"], r["response"], r.get("concept", "")) for r in rows])
     result = label_agreement(rows, [r.to_record() for r in results])
-    for family in result["by_family"].values():
-        assert family["multi_attempt"]["rate"] >= 0.97, result["by_family"]
-    assert result["all"]["exact_count"]["rate"] >= 0.93 and result["all"]["direction"]["rate"] >= 0.9
-    assert result["all"]["false_restarts_unsteered"]["k"] == 0
+    hand, model, disputed = (result["by_family"][f] for f in ("hand", "model", "disputed"))
+    # the goals on hand-written cases and on a random sample of real model responses
+    for family in (hand, model):
+        assert family["multi_attempt"]["rate"] >= 0.97 and family["exact_count"]["rate"] >= 0.93, family
+        assert family["false_restarts_unsteered"]["k"] == 0, family
+    assert hand["direction"]["rate"] >= 0.9, hand
+    # responses two judges disagreed on, chosen for being hard: a floor against regressions
+    assert disputed["multi_attempt"]["rate"] >= 0.85, disputed
