@@ -220,7 +220,7 @@ class DetectorSettings:
     faint: float = 0.4
     extend: float = 0.45
     turn: float = 0.3
-    sharp_turn: float = 0.6
+    sharp_turn: float = 0.7
     min_words: int = 12
     context_chars: int = 240
     c: float = 1.0
