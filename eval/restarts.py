@@ -26,7 +26,8 @@ restart when
 
 The turn is measured only for a steered response (there is a concept to drift toward) and
 only when the text it abandons, back to the previous span, holds at least ``min_words``
-words: a chatty opener ("Great question!") is no attempt to abandon. An unsteered response
+words (one before a tier-1 phrase): a chatty opener ("Great question!") is no attempt to
+abandon. An unsteered response
 restarts only with an unmistakable repair.
 
 A span is never a restart when its clauses sit inside quoted speech or in a conditional
@@ -330,7 +331,7 @@ class RestartDetector:
                 if not _ALNUM.search(after):
                     continue  # nothing follows: no new attempt
                 unmistakable = repair or p >= s.strong
-                abandoned = len(_WORD.findall(text, previous_start, lo)) >= s.min_words
+                abandoned = len(_WORD.findall(text, previous_start, lo)) >= (1 if phrase else s.min_words)
                 measure = bool(not unmistakable and prompt and concept and abandoned and _ALNUM.search(before))
                 if measure:
                     windows.update(dict.fromkeys((after, before, prompt, concept)))
@@ -405,7 +406,7 @@ class RestartDetector:
         restart statement ("Let me start over") ends there unless likely commentary
         follows: the new answer starts after it. A run's leading clauses are dropped until
         the text before it (back to the previous run) holds ``min_words`` words, or one word
-        before a repair phrase: a restart needs an attempt to abandon."""
+        before a tier-1 phrase: a restart needs an attempt to abandon."""
         s = self.settings
         spans: list[_Span] = []
         open_ = False
@@ -428,13 +429,13 @@ class RestartDetector:
                 spans.append(_Span([(u.start, u.end, p, phrase)], u.sentence))
             open_ = True
         # a restart abandons an attempt: a span's leading clauses of meaning alone are dropped
-        # until at least min_words words precede it (a repair phrase needs only one)
+        # until at least min_words words precede it (a tier-1 phrase needs only one)
         kept: list[_Span] = []
         for span in spans:
             floor = kept[-1].end if kept else 0
             while span.parts:
                 lo, _, _, phrase = span.parts[0]
-                need = 1 if phrase is not None and phrase.repair else s.min_words
+                need = 1 if phrase is not None else s.min_words
                 if len(_WORD.findall(text, floor, lo)) >= need:
                     break
                 span.parts.pop(0)
