@@ -24,11 +24,11 @@ restart when
 * it is a faint one (a clause scoring at least ``faint``) and that turn is at least
   ``sharp_turn``.
 
-The turn is measured only for a steered response (there is a concept to drift toward) and
-only when the text it abandons, back to the previous span, holds at least ``min_words``
-words (one before a tier-1 phrase): a chatty opener ("Great question!") is no attempt to
-abandon. An unsteered response
-restarts only with an unmistakable repair.
+The turn is measured only for a steered response (there is a concept to drift toward): an
+unsteered response restarts only with an unmistakable repair. Every span needs an attempt to
+abandon before it, back to the previous span: at least ``min_words`` words before restart
+meaning alone, one before a tier-1 phrase. A chatty opener ("Great question!") is no attempt
+to abandon.
 
 A span is never a restart when its clauses sit inside quoted speech or in a conditional
 sentence ("If it cracks, start again"), or when no answer text follows it. The span covers
@@ -263,7 +263,8 @@ class _Span:
 class Restart:
     """One restart: ``response[start:end]`` announces it. ``meaning`` is the highest
     clause probability inside it, ``regex`` whether a tier-1 phrase starts inside it,
-    ``turn`` the gain in similarity to the prompt across it (None when not measured)."""
+    ``turn`` the gain in similarity to the prompt across it plus the fall in similarity to
+    the steered concept (None when not measured)."""
 
     start: int
     end: int
@@ -309,8 +310,8 @@ class RestartDetector:
     def find(self, responses: Sequence[str], prompts: Sequence[str],
              concepts: Sequence[str] | None = None) -> list[list[Restart]]:
         """The restarts of each response, in order (see the module docstring). ``concepts``
-        (the steered concept of each response, "" for none) adds the turn away from it to
-        the turn toward the prompt."""
+        holds the steered concept of each response ("" or None for an unsteered one, which
+        restarts only with an unmistakable repair)."""
         from esr_train.embeddings import embed
 
         s = self.settings
@@ -327,12 +328,12 @@ class RestartDetector:
             for span in self._spans(text, rows, prob):
                 lo, hi, p, repair, phrase = span.start, span.end, span.meaning, span.repair, span.phrase
                 before, after = self._context(text, bounds, lo, hi, previous_end)
-                previous_start, previous_end = previous_end, hi
+                previous_end = hi
                 if not _ALNUM.search(after):
                     continue  # nothing follows: no new attempt
                 unmistakable = repair or p >= s.strong
-                abandoned = len(_WORD.findall(text, previous_start, lo)) >= (1 if phrase else s.min_words)
-                measure = bool(not unmistakable and prompt and concept and abandoned and _ALNUM.search(before))
+                # (_spans already left an abandoned attempt before every span)
+                measure = bool(not unmistakable and prompt and concept and _ALNUM.search(before))
                 if measure:
                     windows.update(dict.fromkeys((after, before, prompt, concept)))
                 plan.append((lo, hi, p, repair or phrase, unmistakable, measure, before, after))

@@ -69,9 +69,9 @@ def test_elaboration_with_actually_stays_one_attempt(judge) -> None:
 def test_restart_at_the_start_has_no_empty_first_attempt(judge) -> None:
     response = "Wait, that's not right. To make tea, boil water, pour it over a tea bag in a cup and steep it."
     result = judged(judge, response)
-    assert len(result.attempts) == 1
-    # the announcement is not part of the answer scored after it
-    assert result.attempts[0]["text"] == response[len("Wait, that's not right. "):] and scores(result)[0] > 70
+    # nothing before it to abandon: the phrase stays in the one attempt (as the labelling rule has it)
+    assert len(result.attempts) == 1 and result.attempts[0]["restart"] is None
+    assert result.attempts[0]["text"] == response and scores(result)[0] > 70
 
 
 def test_drift_then_restart_is_two_attempts_with_last_above_first(judge) -> None:
