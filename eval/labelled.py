@@ -52,8 +52,9 @@ def _files(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def read_labelled(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
-    """Labelled rows of JSONL files (a directory means its ``*.jsonl`` files), checked;
-    a bad row raises :class:`JudgeFileError` naming ``file:line`` and the field."""
+    """Labelled rows of JSONL files (a directory means its ``*.jsonl`` files, less the
+    phrase list ``heldout_restarts.jsonl``), checked; a bad row raises
+    :class:`JudgeFileError` naming ``file:line`` and the field."""
     rows: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
     for path in _files(paths):
