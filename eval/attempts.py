@@ -296,9 +296,9 @@ def restart_phrases(text: str) -> list[Phrase]:
     """The restart phrases of ``text`` (each at a sentence start), in order."""
     out = []
     for m in _matches(text):
-        statement = STATEMENT_PATTERN.match(text, m.start)
-        out.append(Phrase(m.start, m.end, statement is not None or any(p.match(text, m.start) for p in REPAIR_PATTERNS),
-                          statement is not None))
+        statement = STATEMENT_PATTERN.match(text, m.start) is not None
+        repair = statement or any(p.match(text, m.start) for p in REPAIR_PATTERNS if p is not STATEMENT_PATTERN)
+        out.append(Phrase(m.start, m.end, repair, statement))
     return out
 
 

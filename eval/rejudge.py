@@ -30,7 +30,8 @@ __all__ = ["format_rejudge", "rejudge_run"]
 HEADLINE = ("multi_attempt_rate", "esr_rate", "drift_restart_rate", "mean_first_score")
 
 
-def _load(run: Path) -> tuple[dict, list[dict], dict[str, str]]:
+def _load(run: Path) -> tuple[dict, dict, list[dict], dict[str, str]]:
+    """The run's resolved config, its summary, its trials and its reference answers."""
     config = read_json(run / "eval_config.json")
     summary = read_json(run / "summary.json")
     if not isinstance(config, dict) or not (run / "trials.jsonl").is_file():
@@ -44,7 +45,7 @@ def _load(run: Path) -> tuple[dict, list[dict], dict[str, str]]:
             references[row.get("key")] = row.get("value")
     # eval_config.json holds the settings as given (judge "offline"), summary.json's config
     # what the run resolved (the judge's full name, conditions, directions used)
-    return {**summary.get("config", {}), "judge": config.get("judge")}, trials, references
+    return {**summary.get("config", {}), "judge": config.get("judge")}, summary, trials, references
 
 
 def _headline(summary: dict) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def rejudge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, judge
         raise EvalConfigError(f"--out {out}: must differ from the run it re-judges")
     if out.exists() and not out.is_dir():
         raise EvalConfigError(f"--out {out}: exists and is not a directory")
-    config, trials, references = _load(run)
+    config, previous, trials, references = _load(run)
     fields = {f for f in EvalConfig.__dataclass_fields__}
     cfg = EvalConfig(**{k: v for k, v in config.items() if k in fields})
     judge = judge or make_judge(cfg)
@@ -94,7 +95,6 @@ def rejudge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, judge
     keys = {t["key"] for t in trials}
     rejudged = [r for r in store.records() if r["key"] in keys]
     names = config.get("conditions") or list(dict.fromkeys(t["condition"] for t in trials))
-    previous = read_json(run / "summary.json")
     summary = build_summary(rejudged, names, config={**config, "judge": judge.name, "rejudged_from": str(run)},
                             calibration=previous.get("calibration"), capability=previous.get("capability"))
     atomic_write_json(out / "summary.json", summary)

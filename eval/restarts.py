@@ -296,7 +296,8 @@ class RestartDetector:
 
     def __init__(self, settings: DetectorSettings | None = None) -> None:
         self.settings = s = settings or DetectorSettings()
-        self.name = ":".join(["restarts", prototypes_digest(), *map(str, astuple(s))])
+        self._digest = prototypes_digest()  # read once: meaning() runs on every judged batch
+        self.name = ":".join(["restarts", self._digest, *map(str, astuple(s))])
 
     def meaning(self, texts: Sequence[str]) -> list[float]:
         """Probability that each clause is restart commentary."""
@@ -304,7 +305,7 @@ class RestartDetector:
 
         if not texts:
             return []
-        w, b = _classifier(prototypes_digest(), self.settings.c)
+        w, b = _classifier(self._digest, self.settings.c)
         return torch.sigmoid(embed(list(texts)) @ w + b).tolist()
 
     def find(self, responses: Sequence[str], prompts: Sequence[str],
