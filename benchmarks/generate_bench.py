@@ -24,7 +24,7 @@ def naive_seconds_per_transcript(model, tok, cfg, samples: int = 4) -> float:
     """One steered distraction + one answer, one prompt at a time, HF generate."""
     import random
 
-    from data_gen.banks import load_prompts, load_subjects
+    from esr_train.banks import load_prompts, load_subjects
     from esr_train.concepts import saved_concept_directions
     from esr_train.generation import generate
     from esr_train.steering import steer

@@ -66,7 +66,7 @@ def measure(argv=None) -> list[dict]:
     """The rows (nothing printed)."""
     args = parse(argv)
 
-    from data_gen.banks import load_prompts, load_subjects
+    from esr_train.banks import load_prompts, load_subjects
     from esr_train.concepts import saved_concept_directions
     from esr_train.dtype import matmul_gflops
     from esr_train.generation import generate

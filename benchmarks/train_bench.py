@@ -35,7 +35,7 @@ DISTRACTION = "Volcanoes form where magma rises through the crust. Lava cools in
 def template_dataset(root: Path, n: int = 64, answer: str = ANSWER, distraction: str = DISTRACTION) -> Path:
     """A template dataset of ``n`` bundled training prompts (every second one opening with
     ``distraction``) all answered with ``answer`` (no model needed)."""
-    from data_gen.banks import load_prompts
+    from esr_train.banks import load_prompts
     from data_gen.builder import GenerateConfig, build_dataset
 
     prompts = load_prompts("train")

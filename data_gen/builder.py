@@ -11,6 +11,7 @@ The run is complete only once ``summary.json`` is written (last, atomically).
 
 from __future__ import annotations
 
+from esr_train.errors import EsrError
 import json
 import math
 import random
@@ -21,15 +22,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from statistics import mean
 
-from data_gen.banks import format_restart, load_prompts, load_restart_phrases, load_subjects
+from esr_train.banks import format_restart, load_prompts, load_restart_phrases, load_subjects
 from data_gen.filters import FilterConfig, answer_problems, distraction_problems
-from data_gen.schema import COLUMNS, Transcript, TranscriptError, stable_fraction
+from esr_train.rows import COLUMNS, Transcript, TranscriptError, stable_fraction
 from esr_train.cache import atomic_write_json, atomic_write_text, read_json
 
 BACKENDS = ("self", "template", "llm")
 
 
-class GenerateError(ValueError):
+class GenerateError(EsrError, ValueError):
     """Bad generation settings or inputs; the message is one line."""
 
 
@@ -255,13 +256,13 @@ def self_backend(cfg: GenerateConfig, out: Path, backend_impl, stage_s: Counter)
 
 
 def _probe_restarts(cfg: GenerateConfig, backend_impl, prompts: list[str], stage_s: Counter) -> dict:
-    """The writer's unpushed restarts on the training prompts (``data_gen.false_restarts``):
+    """The writer's unpushed restarts on the training prompts (``esr_train.negatives``):
     {"rows": mined rows, "samples", "restarted", "no_opener"}."""
-    from data_gen import false_restarts
+    from esr_train import negatives
 
     with _timed(stage_s, "restart_probes"):
         texts = backend_impl.probe(prompts, cfg.restart_probes)
-    rows, bare = false_restarts.mine_each(texts, backend_impl.label, cfg.seed)
+    rows, bare = negatives.mine_each(texts, backend_impl.label, cfg.seed)
     return {"rows": rows, "samples": len(prompts) * cfg.restart_probes, "restarted": len(rows) + bare,
             "no_opener": bare}
 
@@ -416,9 +417,9 @@ def _write(cfg: GenerateConfig, out: Path, rows: dict[str, list[Transcript]], re
     ds.save_to_disk(str(out), num_shards={k: 1 for k in ds})
     jsonl = {f"{split}.jsonl": r for split, r in splits.items()}
     if mined is not None:
-        from data_gen import false_restarts
+        from esr_train import negatives
 
-        jsonl[false_restarts.FILE] = mined["rows"]
+        jsonl[negatives.FILE] = mined["rows"]
     for name, r in jsonl.items():
         atomic_write_text(out / name, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in r))
     summary = summarize(cfg, splits, rejected, duplicates, elapsed, stage_s)
@@ -430,7 +431,7 @@ def _write(cfg: GenerateConfig, out: Path, rows: dict[str, list[Transcript]], re
 
 def summarize(cfg: GenerateConfig, splits: dict[str, list[dict]], rejected: Counter, duplicates: int, elapsed: float,
               stage_s: Counter | None = None) -> dict:
-    from data_gen.text import sentences, word_count
+    from esr_train.text import sentences, word_count
 
     allrows = [r for rs in splits.values() for r in rs]
     sc = [r for r in allrows if r["kind"] == "self_correction"]

@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from data_gen.text import repetitive, word_count
-from eval.attempts import has_restart
+from esr_train.text import repetitive, word_count
+from esr_train.restart_text import has_restart
 
 
 @dataclass(frozen=True)

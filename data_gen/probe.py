@@ -5,7 +5,7 @@ rows with the adapter *and* samples its unpushed answers to find its false resta
 rows cost most of the time. This is the probe alone, on the training prompts of a dataset
 that exists: ``restart_probes`` unsteered answers per prompt, sampled as the evaluation's
 unsteered trials are, by the model with ``adapter`` on. Answers that restart become mined
-negatives (``data_gen.false_restarts.mine``); with ``openers`` the others are cut after an
+negatives (``esr_train.negatives.mine``); with ``openers`` the others are cut after an
 opening sentence and given a restart phrase of the data (``cut_openers``), so the adapter
 is shown restarting after *its own* on-topic text as the thing not to do.
 
@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from data_gen import false_restarts
+from esr_train import negatives
 from data_gen.builder import GenerateConfig, GenerateError, self_backend
 from esr_train.cache import atomic_write_json, atomic_write_text, read_json
 
@@ -41,7 +41,7 @@ def probe_dataset(cfg: GenerateConfig, dataset_dir: str | Path, out_dir: str | P
     the summary. ``backend_impl`` lets a caller pass a ready self backend."""
     from datasets import load_from_disk
 
-    from esr_train.training.unlikelihood import restart_phrases
+    from esr_train.negatives import restart_phrases
 
     src, out = Path(dataset_dir), Path(out_dir)
     if openers not in OPENERS:
@@ -71,15 +71,15 @@ def probe_dataset(cfg: GenerateConfig, dataset_dir: str | Path, out_dir: str | P
     backend = self_backend(cfg, out, backend_impl, stage_s)
     texts = backend.probe(prompts, cfg.restart_probes)
 
-    mined, bare = false_restarts.mine_each(texts, backend.label, cfg.seed)
+    mined, bare = negatives.mine_each(texts, backend.label, cfg.seed)
     rng = random.Random(cfg.seed)
     cut = [] if openers == "none" else [
-        row for prompt in prompts for row in false_restarts.cut_openers(
+        row for prompt in prompts for row in negatives.cut_openers(
             prompt, texts[prompt], restarts, rng, backend.label, cfg.seed, opener_sentences, openers == "every")]
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # incomplete until the summary is back
-    kept = (false_restarts.FILE, "summary.json")
+    kept = (negatives.FILE, "summary.json")
     for item in src.iterdir():
         if item.name in kept or item.name.startswith("."):
             continue
@@ -87,8 +87,8 @@ def probe_dataset(cfg: GenerateConfig, dataset_dir: str | Path, out_dir: str | P
             shutil.copytree(item, out / item.name, dirs_exist_ok=True)
         else:
             shutil.copy2(item, out / item.name)
-    rows = false_restarts.read(src) + mined + cut
-    atomic_write_text(out / false_restarts.FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    rows = negatives.read_mined(src) + mined + cut
+    atomic_write_text(out / negatives.FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary = dict(read_json(src / "summary.json") or {})
     summary["probe"] = {
         "config": setting, "writer": backend.label, "prompts": len(prompts),
@@ -106,4 +106,4 @@ def format_probe_summary(summary: dict) -> str:
     return (f"probed {p['writer']} on {p['prompts']} training prompts: {p['samples']} samples, "
             f"{p['restarted']} restarted ({p['restart_rows']} kept as mined negatives, {p['no_opener']} with no "
             f"opener), {p['opener_rows']} negatives cut from its own openers; {p['rows_in_file']} rows in "
-            f"{false_restarts.FILE} ({p['elapsed_s']} s)")
+            f"{negatives.FILE} ({p['elapsed_s']} s)")

@@ -9,6 +9,7 @@ names the file, the section and the valid keys.
 
 from __future__ import annotations
 
+from esr_train.errors import EsrError
 import argparse
 import dataclasses
 import re
@@ -23,7 +24,7 @@ the round before (:func:`rounds`)."""
 ROUND_SECTION = re.compile(r"round([2-9])")
 
 
-class RecipeError(ValueError):
+class RecipeError(EsrError, ValueError):
     """A recipe that does not parse or holds unknown keys; one line."""
 
 

@@ -10,6 +10,7 @@ any model. It is saved as one safetensors file whose header holds the JSON metad
 
 from __future__ import annotations
 
+from esr_train.errors import EsrError
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 SOURCES = ("concept", "sae", "file")
 
 
-class DirectionError(ValueError):
+class DirectionError(EsrError, ValueError):
     """A direction that does not fit the model, or a file that is not a direction."""
 
 

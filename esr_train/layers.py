@@ -9,6 +9,7 @@ wrapped by PEFT.
 
 from __future__ import annotations
 
+from esr_train.errors import EsrError
 import re
 
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
 
-class LayerError(ValueError):
+class LayerError(EsrError, ValueError):
     """A layer number or hook name that does not exist in the model."""
 
 

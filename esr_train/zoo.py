@@ -15,6 +15,7 @@ does not install).
 
 from __future__ import annotations
 
+from esr_train.errors import EsrError
 import importlib.metadata as md
 import logging
 import os
@@ -49,7 +50,7 @@ GEMMA_CHAT_TEMPLATE = (
 CACHE_FORMAT = 2  # bump when the cached layout changes, so old caches are rebuilt
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(EsrError, RuntimeError):
     """A model could not be found or loaded; the message says what to do."""
 
 

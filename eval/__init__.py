@@ -1,8 +1,9 @@
-"""Evaluation harness for esr-train.
+"""Evaluation stage of esr-train: the ESR protocol of "Endogenous Resistance to Activation
+Steering in Language Models".
 
-Pure-Python pieces that reproduce the ESR protocol of "Endogenous Resistance to
-Activation Steering in Language Models": splitting a response into attempts at
-explicit restart language (``eval.attempts``) and the per-condition metrics with
-their intervals (``eval.metrics``). Kept free of heavy imports (no torch) so the
-metrics can be computed and tested anywhere.
+Steered and unsteered trials (:mod:`eval.harness`), the judges that split each response
+into attempts and score them (:mod:`eval.offline_judge`, :mod:`eval.llm_judge`), the
+per-condition metrics with their intervals (:mod:`eval.metrics`) and the reports
+(:mod:`eval.report`). Restart phrases themselves are core text utilities
+(:mod:`esr_train.restart_text`).
 """

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Mapping, Sequence
 from statistics import fmean, stdev
 from typing import Any
@@ -25,7 +24,6 @@ from typing import Any
 __all__ = [
     "binomial_se",
     "bootstrap_mean_interval",
-    "degenerate_repetition",
     "mean_se",
     "summarize_trials",
     "wilson_interval",
@@ -197,28 +195,3 @@ def summarize_trials(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "mean_delta_ci": _interval(bootstrap_mean_interval(deltas)),
         "mean_delta_se": _finite(mean_se(deltas)),
     }
-
-
-_NON_WORD = re.compile(r"[^\w]+")
-
-
-def degenerate_repetition(text: str, run: int = 5) -> bool:
-    """True when one word occurs ``run`` or more times in a row.
-
-    The study's optional filter for degenerate steered output ("the the the
-    the the"): comparison is case-insensitive and ignores punctuation, so
-    "Wait, wait. WAIT! wait wait" is a run of five.
-    """
-    if run < 1:
-        raise ValueError(f"run must be >= 1, got {run}")
-    previous: str | None = None
-    length = 0
-    for token in text.split():
-        word = _NON_WORD.sub("", token).lower()
-        if not word:
-            continue  # pure punctuation such as "—" neither counts nor breaks a run
-        length = length + 1 if word == previous else 1
-        previous = word
-        if length >= run:
-            return True
-    return False

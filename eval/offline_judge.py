@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from statistics import median
 
 from eval.judging import JudgeItem, JudgeResult
-from eval.metrics import degenerate_repetition
+from esr_train.text import degenerate_repetition
 from eval.restarts import RestartDetector, split_at
 
 

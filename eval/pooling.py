@@ -13,6 +13,7 @@ noise, the spread is what the seed adds.
 
 from __future__ import annotations
 
+from esr_train.errors import EsrError
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 from eval.metrics import summarize_trials
 
 
-class PoolError(ValueError):
+class PoolError(EsrError, ValueError):
     """A group spec or a run it names is unusable (the message names which)."""
 
 

@@ -3,7 +3,7 @@
 A restart is text where a response explicitly abandons the answer in progress and starts
 over (the study's rule). The detector reads a response clause by clause:
 
-* **Tier 1, the regexes** of :mod:`eval.attempts`: precise restart phrases at sentence
+* **Tier 1, the regexes** of :mod:`esr_train.restart_text`: precise restart phrases at sentence
   starts ("Wait, that's not right", "Let me try again").
 * **Tier 2, meaning**: every clause is embedded with the bundled all-MiniLM-L6-v2 model
   and scored by a logistic classifier fitted on ``eval/resources/restart_prototypes.txt``
@@ -47,7 +47,7 @@ from importlib import resources
 
 import torch
 
-from eval.attempts import Phrase, only_commentary, restart_phrases
+from esr_train.restart_text import Phrase, only_commentary, restart_phrases
 
 __all__ = ["DetectorSettings", "Restart", "RestartDetector", "clauses", "load_prototypes", "split_at"]
 

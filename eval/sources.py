@@ -38,7 +38,7 @@ def _spread(rows: list[dict], n: int, seed: int, group: str) -> list[dict]:
 
 def eval_prompts(cfg: EvalConfig) -> list[str]:
     """The bundled test split (or the user's file), ``cfg.n_prompts`` of them."""
-    from data_gen.banks import load_prompts
+    from esr_train.banks import load_prompts
 
     rows = load_prompts("test", cfg.prompts)
     if not rows:
@@ -47,7 +47,7 @@ def eval_prompts(cfg: EvalConfig) -> list[str]:
 
 
 def _concept_directions(cfg: EvalConfig, model, tok, layer: int, work: Path) -> list:
-    from data_gen.banks import load_subjects
+    from esr_train.banks import load_subjects
     from esr_train.concepts import saved_concept_directions
 
     rows = load_subjects("test", cfg.concepts)

@@ -1,4 +1,4 @@
-"""Tests for eval.attempts: explicit-restart splitting (the ESR judge's rule)."""
+"""Tests for esr_train.restart_text: explicit-restart splitting (the ESR judge's rule)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.attempts import RESTART_PATTERNS, Attempt, find_restarts, has_restart, split_attempts
+from esr_train.restart_text import RESTART_PATTERNS, Attempt, find_restarts, has_restart, split_attempts
 
 
 def texts(response: str) -> list[str]:

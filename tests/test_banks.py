@@ -1,4 +1,4 @@
-"""Tests for the bundled input banks and their loaders (data_gen.banks)."""
+"""Tests for the bundled input banks and their loaders (esr_train.banks)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data_gen.banks import (
+from esr_train.banks import (
     BankError,
     format_restart,
     load_prompts,

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from data_gen.builder import GenerateConfig, GenerateError, build_dataset
-from data_gen.schema import Transcript, TranscriptError
-from data_gen.text import complete_part, first_sentences, repetitive, sentences
+from esr_train.rows import Transcript, TranscriptError
+from esr_train.text import complete_part, first_sentences, repetitive, sentences
 
 ROWS = [
     {"prompt": "How do you boil an egg?", "answer": "Put the egg in boiling water for eight minutes, then cool it in cold water.",
@@ -129,7 +129,7 @@ def test_empty_split_still_loads(tmp_path):
     ("\n", r"rows.jsonl: has no rows"),
 ])
 def test_template_bad_input_names_file_and_line(tmp_path, content, match):
-    from data_gen.banks import BankError
+    from esr_train.banks import BankError
 
     (tmp_path / "rows.jsonl").write_text(content, encoding="utf-8")
     with pytest.raises(BankError, match=match):
@@ -226,7 +226,7 @@ def test_self_backend_samples_answers_at_answer_temperature(smollm, tmp_path):
     texts for the same prompts, cached under their own keys (a greedy run beside it keeps
     its answers), and the same draws again from the cache."""
     from data_gen.backends.self_backend import SelfBackend, SelfConfig
-    from data_gen.banks import load_prompts
+    from esr_train.banks import load_prompts
 
     model, tok = smollm
     prompts = [p["prompt"] for p in load_prompts("train")[:4]]

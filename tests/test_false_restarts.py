@@ -1,4 +1,4 @@
-"""The writer's own false restarts (data_gen.false_restarts, ``restart_probes``): what is
+"""The writer's own false restarts (esr_train.negatives, ``restart_probes``): what is
 mined from a sampled answer, how a bad file is reported, how the trainer turns the rows
 into unlikelihood negatives, and the probes on the real model."""
 
@@ -8,17 +8,17 @@ import json
 
 import pytest
 
-from data_gen import false_restarts
+from esr_train import negatives
 from data_gen.builder import GenerateConfig, GenerateError, build_dataset
 from esr_train.training.recipe import TrainExtras
-from eval.attempts import has_restart
+from esr_train.restart_text import has_restart
 
 TIC = ("Giving feedback is essential for growth. Let me start from the beginning: what is the purpose "
        "of this conversation? Start with empathy.")
 
 
 def test_mine_keeps_the_opener_and_the_restart_span():
-    rows, bare = false_restarts.mine("How do you give feedback?", [
+    rows, bare = negatives.mine("How do you give feedback?", [
         TIC,
         "Start with empathy. Be specific about the behaviour.",  # no restart: nothing mined
         "Wait, no. Start with empathy.",  # a restart with no opener is counted, not kept
@@ -36,10 +36,10 @@ def test_mine_keeps_the_opener_and_the_restart_span():
 ])
 def test_bad_mined_file_names_file_and_line(tmp_path, line, match):
     good = json.dumps({"prompt": "p", "opener": "o.", "restart": "Wait, no."})
-    (tmp_path / false_restarts.FILE).write_text(good + "\n" + line + "\n", encoding="utf-8")
+    (tmp_path / negatives.FILE).write_text(good + "\n" + line + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=match):
-        false_restarts.read(tmp_path)
-    assert false_restarts.read(tmp_path / "elsewhere") == []
+        negatives.read_mined(tmp_path)
+    assert negatives.read_mined(tmp_path / "elsewhere") == []
 
 
 def test_restart_probes_need_the_self_backend_and_stay_out_of_old_fingerprints():
@@ -57,7 +57,7 @@ def test_mined_rows_become_negatives_whose_restart_tokens_are_unlikely(tmp_path)
     from datasets import load_from_disk
 
     from esr_train.training.tokenize import IGNORE, tokenize_row
-    from esr_train.training.trainer import with_false_restarts
+    from esr_train.negatives import with_false_restarts
     from esr_train.zoo import load_tokenizer
 
     src = tmp_path / "rows.jsonl"
@@ -67,7 +67,7 @@ def test_mined_rows_become_negatives_whose_restart_tokens_are_unlikely(tmp_path)
          "subject": "owls", "split": "train"},
     ]), encoding="utf-8")
     build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
-    mined, _ = false_restarts.mine("How do you give feedback?", [TIC], model="m")
+    mined, _ = negatives.mine("How do you give feedback?", [TIC], model="m")
     split = load_from_disk(str(tmp_path / "ds"))["train"]
     rows, n, twins = with_false_restarts(split, seed=0, max_sentences=3, mined=mined)
     assert n == 2 and twins == 0 and len(rows) == len(split) + 2
@@ -102,7 +102,7 @@ def test_mined_positives_twin_each_mined_restart_with_a_drift_that_restarts_the_
     from datasets import load_from_disk
 
     from esr_train.training.tokenize import IGNORE, tokenize_row
-    from esr_train.training.trainer import with_false_restarts
+    from esr_train.negatives import with_false_restarts
     from esr_train.zoo import load_tokenizer
 
     _write_two_drifts_and_a_normal_row(tmp_path)
@@ -136,7 +136,7 @@ def test_unpushed_negatives_repeat_each_drift_without_the_push_and_mark_its_rest
 
     from esr_train.training.steered import row_steer_ids, steer_subjects
     from esr_train.training.tokenize import IGNORE, tokenize_row
-    from esr_train.training.trainer import with_false_restarts
+    from esr_train.negatives import with_false_restarts
     from esr_train.zoo import load_tokenizer
 
     _write_two_drifts_and_a_normal_row(tmp_path)
@@ -201,8 +201,8 @@ def test_restart_probes_sample_the_writer_and_write_what_restarts(smollm, tmp_pa
     summary = build_dataset(cfg, tmp_path / "ds", backend_impl=backend)
     probes = summary["restart_probes"]
     assert probes["samples"] == 2 * 8 and len(backend.probes) == 16  # the 8 training prompts, twice each
-    mined = false_restarts.read(tmp_path / "ds")
-    assert (tmp_path / "ds" / false_restarts.FILE).exists() and len(mined) == probes["rows"] <= probes["restarted"]
+    mined = negatives.read_mined(tmp_path / "ds")
+    assert (tmp_path / "ds" / negatives.FILE).exists() and len(mined) == probes["rows"] <= probes["restarted"]
     assert all(has_restart(r["restart"]) and r["prompt"] != "How do you save money?" for r in mined)
     drawn = backend.probe(["How do you cook rice?"], 2)["How do you cook rice?"]
     assert len(drawn) == 2 and drawn[0] != drawn[1]  # two draws, not one answer twice

@@ -24,7 +24,7 @@ from data_gen.backends.llm import (
     parse_json_object,
     trim_to_sentence,
 )
-from data_gen.schema import Transcript
+from esr_train.rows import Transcript
 from esr_train.chat_client import ChatClient, ChatClientConfig
 
 VALID = {"distraction": "To sort a list you can call sorted. Octopuses have three hearts and blue blood!",

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from esr_train.text import degenerate_repetition
 from eval.metrics import (
     binomial_se,
     bootstrap_mean_interval,
-    degenerate_repetition,
     mean_se,
     summarize_trials,
     wilson_interval,

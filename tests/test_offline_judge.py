@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from eval.attempts import split_attempts
+from esr_train.restart_text import split_attempts
 from eval.judging import JudgeItem
 from eval.offline_judge import Anchors, OfflineJudge, attempt_score
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from data_gen import false_restarts
+from esr_train import negatives
 from data_gen.builder import GenerateConfig, GenerateError, build_dataset
 from data_gen.probe import probe_dataset
 
@@ -19,20 +19,20 @@ TIC = "Rice is a staple food. Let me start from the beginning: rinse the rice we
 
 def test_cut_openers_cut_only_answers_that_did_not_restart():
     restarts = ["Wait, that is off topic.", "Let me start over."]
-    one = false_restarts.cut_openers("How do you cook rice?", [CLEAN, TIC, "Boil it."], restarts,
+    one = negatives.cut_openers("How do you cook rice?", [CLEAN, TIC, "Boil it."], restarts,
                                      random.Random(0), model="m", seed=2)
     assert len(one) == 1  # TIC restarted (that is mine's row), "Boil it." has nothing after its only sentence
     row = one[0]
     assert row["opener"] in ("Rinse the rice well.", "Rinse the rice well. Boil it for fifteen minutes.")
     assert row["restart"] in restarts and (row["model"], row["seed"], row["source"]) == ("m", 2, "opener")
-    every = false_restarts.cut_openers("How do you cook rice?", [CLEAN], restarts, random.Random(0), model="m",
+    every = negatives.cut_openers("How do you cook rice?", [CLEAN], restarts, random.Random(0), model="m",
                                        every_cut=True)
     assert [r["opener"] for r in every] == ["Rinse the rice well.", "Rinse the rice well. Boil it for fifteen minutes."]
-    first = false_restarts.cut_openers("q", [CLEAN], restarts, random.Random(0), model="m", max_sentences=1,
+    first = negatives.cut_openers("q", [CLEAN], restarts, random.Random(0), model="m", max_sentences=1,
                                        every_cut=True)
     assert [r["opener"] for r in first] == ["Rinse the rice well."]
     with pytest.raises(ValueError, match="restart phrases"):
-        false_restarts.cut_openers("q", [CLEAN], [], random.Random(0), model="m")
+        negatives.cut_openers("q", [CLEAN], [], random.Random(0), model="m")
 
 
 class ScriptedProbe:
@@ -58,7 +58,7 @@ def _dataset(tmp_path):
     ]), encoding="utf-8")
     build_dataset(GenerateConfig(backend="template", template_file=str(src), test_size=0.0), tmp_path / "ds")
     old = {"prompt": "How do you cook rice?", "opener": "Rice matters.", "restart": "Let me try again"}
-    (tmp_path / "ds" / false_restarts.FILE).write_text(json.dumps(old) + "\n", encoding="utf-8")
+    (tmp_path / "ds" / negatives.FILE).write_text(json.dumps(old) + "\n", encoding="utf-8")
     return tmp_path / "ds", old
 
 
@@ -74,7 +74,7 @@ def test_probe_copies_the_dataset_with_the_writers_negatives_and_leaves_the_sour
     assert {p.name: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
     out = load_from_disk(str(tmp_path / "out"))
     assert out["train"]["id"] == load_from_disk(str(src))["train"]["id"] and len(out["test"]) == 1
-    rows = false_restarts.read(tmp_path / "out")
+    rows = negatives.read_mined(tmp_path / "out")
     # the source's mined row, then the 2 samples of the tic (prompt 2), then one cut per clean sample (prompt 1)
     assert rows[0] == old
     assert [r["source"] for r in rows[1:]] == ["restart", "restart", "opener", "opener"]
@@ -89,7 +89,7 @@ def test_probe_copies_the_dataset_with_the_writers_negatives_and_leaves_the_sour
     again = probe_dataset(cfg, src, tmp_path / "out", backend_impl=writer)
     assert again == summary and writer.asked == 4  # finished: nothing probed again
     none = probe_dataset(cfg, src, tmp_path / "none", openers="none", backend_impl=ScriptedProbe())
-    assert none["probe"]["opener_rows"] == 0 and len(false_restarts.read(tmp_path / "none")) == 3
+    assert none["probe"]["opener_rows"] == 0 and len(negatives.read_mined(tmp_path / "none")) == 3
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -115,14 +115,14 @@ def test_esr_probe_on_the_real_model_writes_a_trainable_dataset(tmp_path):
     from datasets import load_from_disk
 
     from esr_train.cli import main
-    from esr_train.training.trainer import with_false_restarts
+    from esr_train.negatives import with_false_restarts
 
     src, _ = _dataset(tmp_path)
     assert main(["probe", "--dataset", str(src), "--out", str(tmp_path / "out"), "--distraction_tokens", "48",
                  "--batch_size", "4", "--dtype", "float32", "--openers", "every"]) == 0
     p = json.loads((tmp_path / "out" / "summary.json").read_text())["probe"]
     assert p["samples"] == 2 and p["writer"] == "smollm2-135m"
-    rows = false_restarts.read(tmp_path / "out")
+    rows = negatives.read_mined(tmp_path / "out")
     assert len(rows) == 1 + p["restart_rows"] + p["opener_rows"] and p["restart_rows"] + p["opener_rows"] >= 1
     assert all(r["opener"] and r["restart"] for r in rows)
     split = load_from_disk(str(tmp_path / "out"))["train"]

@@ -296,7 +296,7 @@ def test_unlikelihood_makes_restarts_after_on_topic_openers_less_likely(tmp_path
     from peft import PeftModel
 
     from esr_train.training.trainer import train
-    from esr_train.training.unlikelihood import false_restart_rows
+    from esr_train.negatives import false_restart_rows
     from esr_train.zoo import load_model
 
     src = tmp_path / "rows.jsonl"

@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from esr_train.training.unlikelihood import FALSE_RESTART, false_restart_rows, opener_cuts, unlikelihood_loss
+from esr_train.negatives import false_restart_rows, opener_cuts
+from esr_train.rows import FALSE_RESTART
+from esr_train.training.unlikelihood import unlikelihood_loss
 
 ANSWER = "Rinse the rice first. Use two cups of water per cup.\n\n1. Boil it. 2. Simmer for 15 minutes."
 ROWS = [

@@ -1,4 +1,4 @@
-"""Transcript backends: each one turns generation jobs into :class:`data_gen.schema.Transcript` rows.
+"""Transcript backends: each one turns generation jobs into :class:`esr_train.rows.Transcript` rows.
 
 Backends differ in who writes the text (an LLM endpoint, a steered local model, templates),
 but all yield validated transcripts with their provenance (``backend``, ``model``, ``seed``),

@@ -19,8 +19,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from data_gen.banks import BankError, format_restart
-from data_gen.schema import KINDS, Transcript, TranscriptError
+from esr_train.banks import BankError, format_restart
+from esr_train.rows import KINDS, Transcript, TranscriptError
 from esr_train.chat_client import ChatClient
 
 BACKEND = "llm"

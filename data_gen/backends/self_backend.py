@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from data_gen.text import complete_part, first_sentences
+from esr_train.text import complete_part, first_sentences
 from esr_train.records import JsonlStore
 
 
@@ -94,7 +94,7 @@ class SelfBackend:
         """``samples`` sampled unsteered answers per prompt, as the evaluation's unsteered
         trials draw them (``probe_temperature``, ``distraction_tokens`` long, the
         distractions' repetition penalty): where the writer restarts when nothing pushed it
-        (``data_gen.false_restarts``)."""
+        (``esr_train.negatives``)."""
         from esr_train.generation import iter_generate
 
         cfg = self.cfg

@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from data_gen.banks import BankError, format_restart
-from data_gen.schema import Transcript, TranscriptError, stable_fraction
-from data_gen.text import complete_part
+from esr_train.banks import BankError, format_restart
+from esr_train.rows import Transcript, TranscriptError, stable_fraction
+from esr_train.text import complete_part
 from esr_train.records import json_objects
 
 REQUIRED = ("prompt", "answer")

@@ -8,6 +8,7 @@ so adapters differ in the mix alone. The test split is kept whole for eval loss.
 
 from __future__ import annotations
 
+from esr_train.errors import EsrError
 import math
 import random
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Sequence
 from esr_train.cache import atomic_write_json, read_json
 
 
-class SweepError(ValueError):
+class SweepError(EsrError, ValueError):
     """A sweep that cannot be drawn from the dataset; one line."""
 
 

@@ -36,7 +36,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from esr_train.generation import render_prompt
-from esr_train.training.unlikelihood import FALSE_RESTART, UNLIKELY_COLUMN
+from esr_train.rows import FALSE_RESTART, UNLIKELY_COLUMN
 
 if TYPE_CHECKING:
     import datasets

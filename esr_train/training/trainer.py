@@ -14,6 +14,7 @@ fingerprint, dtype).
 
 from __future__ import annotations
 
+from esr_train.errors import EsrError
 import importlib.util
 import json
 import logging
@@ -28,7 +29,7 @@ from esr_train.training.recipe import ModelSection, TrainExtras, split_train_sec
 log = logging.getLogger(__name__)
 
 
-class TrainError(RuntimeError):
+class TrainError(EsrError, RuntimeError):
     """Training cannot start as configured; one line saying why and what to do."""
 
 
@@ -118,28 +119,6 @@ def load_training_data(paths: list[Path]):
                 "rows": {k: len(v) for k, v in ds.items()}}
 
 
-def with_false_restarts(split, seed: int, max_sentences: int, mined=(), mined_positives: bool = False,
-                        unpushed: bool = False, every_cut: bool = False):
-    """``split`` plus one false-restart negative per normal row that can be cut
-    (``esr_train.training.unlikelihood``) and one per ``mined`` row (the writer's own
-    false restarts, ``data_gen.false_restarts``), with ``unpushed`` one per self-correction
-    row (its drift and restart without the push), and with ``mined_positives`` a
-    self-correction twin per mined row; returns (rows, number of negatives, number of twins)."""
-    from datasets import Dataset, concatenate_datasets
-
-    from esr_train.training.unlikelihood import (false_restart_rows, mined_negative_rows, mined_positive_rows,
-                                                 unpushed_negative_rows)
-
-    negatives = false_restart_rows(split, seed, max_sentences, every_cut) + mined_negative_rows(mined, split.column_names)
-    if unpushed:
-        negatives += unpushed_negative_rows(split)
-    twins = mined_positive_rows(mined, split, seed) if mined_positives and mined else []
-    if not negatives and not twins:
-        return split, 0, 0
-    return (concatenate_datasets([split, Dataset.from_list(negatives + twins, features=split.features)]),
-            len(negatives), len(twins))
-
-
 def resolve_sections(recipe: dict[str, dict], overrides: dict[str, Any], where: str):
     """Model section, (sft, lora, extras) kwargs, with overrides routed to their owner."""
     model_values = dict(recipe.get("model", {}))
@@ -166,7 +145,8 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     from esr_train.training.labelled_head import labelled_positions_only
     from esr_train.training.logprob_tiles import compiled_logprob_tiles
     from esr_train.training.tokenize import tokenize_dataset
-    from esr_train.training.unlikelihood import UNLIKELY_COLUMN, trainer_class
+    from esr_train.rows import UNLIKELY_COLUMN
+    from esr_train.training.unlikelihood import trainer_class
     from esr_train.zoo import load_model, load_tokenizer
 
     section, sft_kwargs, lora_kwargs, extras = resolve_sections(recipe, overrides or {}, where)
@@ -181,12 +161,9 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
     ds, data_fingerprint = load_training_data(data_paths)
     negatives, twins, mined = 0, 0, []
     if extras.unlikelihood_weight:
-        from data_gen import false_restarts
+        from esr_train.negatives import read_mined, with_false_restarts
 
-        try:
-            mined = [r for p in data_paths for r in false_restarts.read(p)]
-        except ValueError as exc:
-            raise TrainError(str(exc)) from None
+        mined = [r for p in data_paths for r in read_mined(p)]
         ds["train"], negatives, twins = with_false_restarts(ds["train"], int(sft_kwargs.get("seed", 0)),
                                                             extras.false_restart_sentences, mined,
                                                             extras.mined_positives, extras.unpushed_negatives,

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 
-from eval.metrics import degenerate_repetition
-
 # a sentence ends at . ! ? or … (plus closing quotes/brackets) followed by space or end;
 # decimals like 3.5 and abbreviations like "e.g." are not ends.
 _SENTENCE = re.compile(r".+?(?:(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)(?<!\bMr)(?<!\bDr)(?<!\bSt)[.!?…][\"'”’)\]]*)(?=\s|$)", re.S)
@@ -58,3 +56,28 @@ def repetitive(text: str, run: int = 4, min_distinct_trigrams: float = 0.6) -> b
         return False
     grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
     return len(set(grams)) / len(grams) < min_distinct_trigrams
+
+
+_NON_WORD = re.compile(r"[^\w]+")
+
+
+def degenerate_repetition(text: str, run: int = 5) -> bool:
+    """True when one word occurs ``run`` or more times in a row.
+
+    The study's optional filter for degenerate steered output ("the the the
+    the the"): comparison is case-insensitive and ignores punctuation, so
+    "Wait, wait. WAIT! wait wait" is a run of five.
+    """
+    if run < 1:
+        raise ValueError(f"run must be >= 1, got {run}")
+    previous: str | None = None
+    length = 0
+    for token in text.split():
+        word = _NON_WORD.sub("", token).lower()
+        if not word:
+            continue  # pure punctuation such as "—" neither counts nor breaks a run
+        length = length + 1 if word == previous else 1
+        previous = word
+        if length >= run:
+            return True
+    return False

@@ -1,6 +1,6 @@
 """Loaders for the input banks: task prompts, drift subjects and restart phrases.
 
-Each bank is a JSONL file bundled in :mod:`data_gen.resources`; the train/test
+Each bank is a JSONL file bundled in ``esr_train/resources``; the train/test
 split is written in the file (not drawn at load time) so that held-out prompts
 and subjects stay held out across runs and machines. Users may pass their own
 file instead: plain text (one item per line) or JSONL (``.jsonl`` suffix).
@@ -11,6 +11,7 @@ starts, not halfway through it.
 
 from __future__ import annotations
 
+from esr_train.errors import EsrError
 import json
 import string
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ ALLOWED_PLACEHOLDERS: frozenset[str] = frozenset({"subject"})
 """The only ``{name}`` a restart phrase may contain (filled by :func:`format_restart`)."""
 
 
-class BankError(ValueError):
+class BankError(EsrError, ValueError):
     """A bank file is missing, empty or malformed (one-line message with file and line)."""
 
 
@@ -128,7 +129,7 @@ def _parse(text: str, label: str, bank: _Bank, jsonl: bool) -> list[dict[str, An
 def _load(bank: _Bank, path: str | Path | None) -> list[dict[str, Any]]:
     """Read the bundled bank (path None) or a user file, returning validated rows."""
     if path is None:
-        resource = files("data_gen.resources").joinpath(bank.resource)
+        resource = files("esr_train").joinpath("resources", bank.resource)
         label, jsonl = str(resource), True
         reader = resource.read_text
     else:

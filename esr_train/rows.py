@@ -9,6 +9,7 @@ non-empty) and builds the plain-chat ``messages`` view for any SFT tool.
 
 from __future__ import annotations
 
+from esr_train.errors import EsrError
 import hashlib
 import json
 import re
@@ -16,6 +17,11 @@ from dataclasses import asdict, dataclass, field
 
 KINDS = ("self_correction", "normal")
 COLUMNS = ("id", "prompt", "distraction", "restart", "answer", "subject", "kind", "backend", "model", "seed", "messages")
+UNLIKELY_COLUMN = "unlikely"
+"""Tokenized column: the token id at positions trained by unlikelihood, -100 elsewhere."""
+FALSE_RESTART = "false_restart"
+"""Row kind of the negatives: ``distraction`` holds the on-topic opener (context only),
+``restart`` the phrase whose tokens are made unlikely, ``answer`` is empty."""
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*$")
 
 
@@ -25,7 +31,7 @@ def stable_fraction(text: str) -> float:
     return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
-class TranscriptError(ValueError):
+class TranscriptError(EsrError, ValueError):
     """A transcript whose parts break the contract above."""
 
 
