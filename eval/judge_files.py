@@ -13,6 +13,7 @@ local judge can be validated against a reference judge before it is trusted.
 
 from __future__ import annotations
 
+from esr_train.errors import EsrError
 import json
 import math
 import os
@@ -28,11 +29,42 @@ from esr_train.cache import atomic_write_text
 from esr_train.records import json_objects
 from eval.judging import Judge, JudgeItem
 
-__all__ = ["JudgeFileError", "format_agreement", "judge_agreement", "judge_file", "read_judge_rows"]
+__all__ = ["FailedRowsError", "JudgeFileError", "failed_rows_error", "format_agreement", "judge_agreement",
+           "judge_file", "read_judge_rows"]
 
 
-class JudgeFileError(ValueError):
+class JudgeFileError(EsrError, ValueError):
     """Bad judge input or output file; the message is one line naming ``file:line``."""
+
+
+class FailedRowsError(EsrError):
+    """A judging run finished with rows the judge failed on (they are in the output with
+    their ``error``); exit code 3 tells scripts the output is complete but not all judged."""
+
+    exit_code = 3
+
+
+def failed_rows_error(out_path: str | os.PathLike, counts: dict[str, int],
+                      retry_hint: str = "re-run with --retry-errors") -> FailedRowsError | None:
+    """The error to report for a finished :func:`judge_file` run whose ``counts`` hold
+    errors (None when none): how many rows failed, the first error and how to retry."""
+    if not counts.get("errors"):
+        return None
+    first = ""
+    with open(out_path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                error = json.loads(line).get("error")
+            except (ValueError, AttributeError):
+                continue
+            if error:
+                first = " ".join(str(error).split())
+                break
+    if len(first) > 200:
+        first = first[:199] + "…"
+    return FailedRowsError(f"{counts['errors']} of {counts['rows']} rows failed"
+                           + (f" (first error: {first})" if first else "")
+                           + f"; they are kept in {out_path} with their errors; {retry_hint}")
 
 
 def _optional_str(row: dict[str, Any], key: str) -> bool:
@@ -89,19 +121,23 @@ def _dump(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def judge_file(in_path: str | os.PathLike, out_path: str | os.PathLike, judge: Judge, batch_size: int = 32,
-               progress: bool = True, retry_errors: bool = False) -> dict[str, int]:
+               progress: bool = True, retry_errors: bool = False, allow_empty: bool = True) -> dict[str, int]:
     """Judge every row of ``in_path`` into ``out_path`` (resumable; see module docstring).
 
     Each output row is the input row plus ``row`` (its index), ``attempts``
     (``[{"text", "score"}]``), ``error``, ``judge_details``, ``judge`` and ``n_attempts``
     (None for an error, so a failure never reads as zero attempts). ``retry_errors``
     judges again rows that a previous run recorded as errors (e.g. a server outage).
-    Returns counts over the whole output: ``rows``, ``judged_now``, ``errors`` and
-    ``multi_attempt`` (>= 2 attempts).
+    ``allow_empty=False`` makes an input without rows a :class:`JudgeFileError` (nothing
+    is written). Returns counts over the whole output: ``rows``, ``judged_now``,
+    ``errors`` and ``multi_attempt`` (>= 2 attempts).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows = read_judge_rows(in_path)
+    if not rows and not allow_empty:
+        raise JudgeFileError(f"{in_path}: no rows to judge (the file is empty or only blank lines); "
+                             "pass --allow-empty to accept an empty input")
     out = Path(out_path)
     done = _load_done(out, rows, judge.name)
     if retry_errors:

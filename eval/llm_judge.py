@@ -4,7 +4,7 @@ into attempts and scores them.
 Why an LLM: the ESR protocol defines attempts by *explicit* restart language and scores
 each attempt for answering the prompt while resisting the steered concept; the study
 used a strong chat model for both, and its numbers are only comparable when we judge
-the same way. ``eval.attempts`` is a fast regex approximation; this is the reference.
+the same way. ``esr_train.restart_text`` is a fast regex approximation; this is the reference.
 
 Requests go through :class:`esr_train.chat_client.ChatClient`, so thousands of items run
 with bounded concurrency, retries and a rate limit, and a failed request becomes an
@@ -146,7 +146,13 @@ class LLMJudge:
         """All items concurrently (``config.concurrency`` in flight); results in input order."""
         results: list[JudgeResult | None] = [None] * len(items)
         for index, reply, error in self.client.map(build_judge_messages(item) for item in items):
-            results[index] = parse_judge_reply(reply) if reply is not None else JudgeResult(error=error)
+            if reply is None:  # the client's error text is already redacted
+                results[index] = JudgeResult(error=error)
+                continue
+            result = parse_judge_reply(reply)
+            if result.error:  # a failed row stores its reason and raw reply: keep the API key out of both
+                result = parse_judge_reply(self.client.redact(reply))
+            results[index] = result
         return [r if r is not None else JudgeResult(error="no result") for r in results]
 
 

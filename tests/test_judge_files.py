@@ -179,3 +179,28 @@ def test_judge_agreement_undefined_statistics() -> None:
     assert flat["first_score_pearson"] is None
     empty = judge_agreement([], [])
     assert empty["n_paired"] == 0 and empty["multi_attempt_a"] is None and "n/a" in format_agreement(empty)
+
+
+def test_empty_input_refused_unless_allowed(tmp_path: Path) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n  \n")
+    with pytest.raises(JudgeFileError, match=rf"^{re.escape(str(src))}: no rows to judge"):
+        judge_file(src, out, RuleJudge(), progress=False, allow_empty=False)
+    assert not out.exists()
+    counts = judge_file(src, out, RuleJudge(), progress=False, allow_empty=True)
+    assert counts == {"rows": 0, "judged_now": 0, "errors": 0, "multi_attempt": 0} and out.read_text() == ""
+
+
+def test_failed_rows_error_counts_and_names_the_first(tmp_path: Path) -> None:
+    from esr_train.errors import EsrError
+    from eval.judge_files import FailedRowsError, failed_rows_error
+
+    src, out = write_jsonl(tmp_path / "in.jsonl", INPUT), tmp_path / "out.jsonl"
+    counts = judge_file(src, out, RuleJudge(), progress=False)
+    error = failed_rows_error(out, counts)
+    assert isinstance(error, FailedRowsError) and isinstance(error, EsrError) and error.exit_code == 3
+    assert str(error) == (f"1 of 5 rows failed (first error: judge failed); they are kept in {out} with their "
+                          "errors; re-run with --retry-errors")
+    clean = write_jsonl(tmp_path / "clean.jsonl", [r for r in INPUT if r["response"] != "ERR"])
+    assert failed_rows_error(tmp_path / "clean_out.jsonl",
+                             judge_file(clean, tmp_path / "clean_out.jsonl", RuleJudge(), progress=False)) is None

@@ -20,8 +20,17 @@ from typing import Any
 import pytest
 
 from esr_train import chat_client
-from esr_train.chat_client import (ChatClient, ChatClientConfig, ChatConfigError, ChatError, check_base_url,
-                                   is_local_host, plain_http_key_host, public_url, warn_plain_http_key)
+from esr_train.chat_client import (
+    ChatClient,
+    ChatClientConfig,
+    ChatConfigError,
+    ChatError,
+    check_base_url,
+    is_local_host,
+    plain_http_key_host,
+    public_url,
+    warn_plain_http_key,
+)
 from esr_train.cli import main
 from esr_train.errors import EsrError
 from tests.local_server import send_json, serve
@@ -54,7 +63,7 @@ class Recorder:
                     recorder.seen.append((self.command, self.path, dict(self.headers.items())))
                 answer(self)
 
-            do_GET = do_POST = _handle  # noqa: N815 (http.server naming)
+            do_GET = do_POST = _handle
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -72,8 +81,8 @@ def redirect_to(location: str, code: int = 307) -> Callable[[BaseHTTPRequestHand
 
 
 def client(url: str, **kw: Any) -> ChatClient:
-    return ChatClient(ChatClientConfig(base_url=url, model="m", api_key_env=ENV, max_retries=0, backoff_s=0.01,
-                                       timeout_s=5, **kw))
+    kw = {"api_key_env": ENV, "max_retries": 0, "backoff_s": 0.01, "timeout_s": 5, **kw}
+    return ChatClient(ChatClientConfig(base_url=url, model="m", **kw))
 
 
 # -- redirects ---------------------------------------------------------------------------
@@ -82,9 +91,9 @@ def client(url: str, **kw: Any) -> ChatClient:
 def test_redirect_to_another_port_drops_the_key(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
     monkeypatch.setenv(ENV, KEY)
     first, second = Recorder(), Recorder()
-    with serve(second.handler(lambda h: send_json(h, 200, ok_payload("from second"))), monkeypatch) as other:
-        with serve(first.handler(redirect_to(f"{other}/v1/chat/completions", code)), monkeypatch) as base:
-            content = client(f"{base}/v1").complete(MSGS)
+    with serve(second.handler(lambda h: send_json(h, 200, ok_payload("from second"))), monkeypatch) as other, \
+            serve(first.handler(redirect_to(f"{other}/v1/chat/completions", code)), monkeypatch) as base:
+        content = client(f"{base}/v1").complete(MSGS)
     assert content == "from second"
     assert first.seen[0][2]["Authorization"] == f"Bearer {KEY}"  # the configured origin gets the key
     method, path, headers = second.seen[0]
@@ -142,9 +151,9 @@ def test_key_is_redacted_before_the_message_is_cut(monkeypatch: pytest.MonkeyPat
         h.end_headers()
         h.wfile.write(body)
 
-    with serve(Recorder().handler(answer), monkeypatch) as base:
-        with pytest.raises(ChatError, match="malformed response") as info:
-            client(f"{base}/v1").complete(MSGS)
+    with serve(Recorder().handler(answer), monkeypatch) as base, \
+            pytest.raises(ChatError, match="malformed response") as info:
+        client(f"{base}/v1").complete(MSGS)
     assert KEY[:8] not in str(info.value) and "Bearer ***" in str(info.value)
 
 
@@ -243,7 +252,7 @@ def test_plain_http_decision() -> None:
     for local in ("http://localhost:8000/v1", "http://127.0.0.1:8000/v1", "http://[::1]:8000/v1",
                   "http://LOCALHOST/v1"):
         assert plain_http_key_host(local) is None, local
-    assert is_local_host("127.0.0.2") and not is_local_host("example.com")
+    assert is_local_host("127.0.0.2") and is_local_host("0.0.0.0") and not is_local_host("example.com")
 
 
 def test_plain_http_warning_fires_once_per_host(monkeypatch: pytest.MonkeyPatch,
@@ -258,15 +267,32 @@ def test_plain_http_warning_fires_once_per_host(monkeypatch: pytest.MonkeyPatch,
     assert len(messages) == 2 and "judge.example.com" in messages[0] and "plain http" in messages[0]
 
 
+def test_a_request_with_a_key_over_plain_http_warns(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """192.0.2.1 (TEST-NET-1) is reserved and never routed: the request fails at once or
+    times out, but the warning comes before it is sent. Without a key: no warning."""
+    monkeypatch.setattr(chat_client, "_warned_hosts", set())
+    url = "http://192.0.2.1:9/v1"
+    with caplog.at_level(logging.WARNING, logger="esr_train.chat_client"):
+        monkeypatch.delenv(ENV, raising=False)
+        with pytest.raises(ChatError):
+            client(url, timeout_s=0.3).complete(MSGS)
+        assert caplog.records == []
+        monkeypatch.setenv(ENV, KEY)
+        for _ in range(2):
+            with pytest.raises(ChatError):
+                client(url, timeout_s=0.3).complete(MSGS)
+    assert [r.getMessage() for r in caplog.records] == [
+        "sending the API key over plain http to 192.0.2.1:9: anyone on the network path can read it; use https"]
+
+
 def test_no_plain_http_warning_for_localhost(monkeypatch: pytest.MonkeyPatch,
                                              caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(chat_client, "_warned_hosts", set())
     monkeypatch.setenv(ENV, KEY)
     rec = Recorder()
-    with caplog.at_level(logging.WARNING, logger="esr_train.chat_client"):
-        with serve(rec.handler(lambda h: send_json(h, 200, ok_payload())), monkeypatch) as base:
-            c = client(f"{base}/v1")
-            assert c.complete(MSGS) == "hello"
-            c = client(base.replace("127.0.0.1", "localhost") + "/v1")
-            assert c.complete(MSGS) == "hello"
+    with caplog.at_level(logging.WARNING, logger="esr_train.chat_client"), \
+            serve(rec.handler(lambda h: send_json(h, 200, ok_payload())), monkeypatch) as base:
+        assert client(f"{base}/v1").complete(MSGS) == "hello"
+        assert client(base.replace("127.0.0.1", "localhost") + "/v1").complete(MSGS) == "hello"
     assert rec.seen[0][2]["Authorization"] == f"Bearer {KEY}" and caplog.records == []

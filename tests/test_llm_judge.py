@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,6 +45,7 @@ class Server:
         self.bodies: list[dict] = []
         self.hits: dict[str, int] = {}
         self.url = ""
+        self.outage: int | None = None  # a status every request gets (a non-retryable one keeps tests fast)
 
 
 def _reply(user: str, hits: int) -> tuple[int, str | None]:
@@ -70,7 +72,7 @@ def _handler(state: Server) -> type[BaseHTTPRequestHandler]:
                 state.bodies.append(body)
                 state.hits[case] = state.hits.get(case, 0) + 1
                 hits = state.hits[case]
-            status, content = _reply(user, hits)
+            status, content = (state.outage, None) if state.outage else _reply(user, hits)
             payload = ({"choices": [{"message": {"role": "assistant", "content": content}}]} if status == 200
                        else {"error": {"message": f"canned {status}"}})
             send_json(self, status, payload)
@@ -163,3 +165,74 @@ def test_parse_accepts_edges() -> None:
                                '{"attempt_text": "b", "score": 100}]}</JSON>')
     assert result.error is None and result.attempts == [{"text": "a", "score": 0.0}, {"text": "b", "score": 100.0}]
     assert parse_judge_reply("x" * 5000).details["raw"] == "x" * 4000
+
+
+# -- esr judge: failed rows, --retry-errors, empty input -------------------------------------
+
+def _rows(path: Path, cases: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"How do I sort a list? {c}", "response": "r", "concept": "c"})
+                            + "\n" for c in cases), encoding="utf-8")
+    return path
+
+
+def _esr_judge(server: Server, src: Path, out: Path, *flags: str) -> int:
+    from esr_train.cli import main
+
+    return main(["judge", str(src), "--out", str(out), "--judge", "llm", "--judge-base-url", server.url,
+                 "--judge-model", "judge-model", "--judge-api-key-env", "ESR_TEST_NO_KEY", *flags])
+
+
+def test_cli_failed_rows_exit_3_then_retry_errors(server: Server, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    src, out = _rows(tmp_path / "rows.jsonl", ["CASE-two", "CASE-none", "CASE-two"]), tmp_path / "judged.jsonl"
+    server.outage = 401
+    assert _esr_judge(server, src, out) == 3
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["errors"] == 3  # the counts are still printed ...
+    assert [json.loads(line)["error"] is not None for line in out.read_text().splitlines()] == [True] * 3
+    err = [line for line in captured.err.split("\n") if "error:" in line]  # (the rest is the progress bar)
+    assert len(err) == 1 and captured.err.endswith(err[0] + "\n")  # ... and one last line says what failed
+    err = err[0]
+    assert err.startswith("esr judge: error: 3 of 3 rows failed (first error: POST ")
+    assert "HTTP 401" in err and "--retry-errors" in err
+
+    server.outage = None
+    assert _esr_judge(server, src, out) == 3  # a plain re-run keeps the recorded errors
+    assert json.loads(capsys.readouterr().out)["judged_now"] == 0
+    assert _esr_judge(server, src, out, "--retry-errors") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["judged_now"], printed["errors"], printed["multi_attempt"]) == (3, 0, 2)
+
+
+def test_cli_empty_input_is_an_error_unless_allowed(server: Server, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    src, out = tmp_path / "empty.jsonl", tmp_path / "judged.jsonl"
+    src.write_text("\n\n", encoding="utf-8")
+    assert _esr_judge(server, src, out) == 1
+    err = capsys.readouterr().err
+    assert err == f"esr judge: error: {src}: no rows to judge (the file is empty or only blank lines); " \
+                  "pass --allow-empty to accept an empty input\n"
+    assert not out.exists()
+    assert _esr_judge(server, src, out, "--allow-empty") == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 0 and out.read_text() == ""
+
+
+def test_cli_binary_input_names_file_and_line(server: Server, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    src, out = tmp_path / "rows.bin", tmp_path / "judged.jsonl"
+    src.write_bytes(b"\x7fELF\x02\x01\x01\x00\xb0\x00\n")
+    assert _esr_judge(server, src, out) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"esr judge: error: {src}:1: not UTF-8 text") and err.count("\n") == 1
+    assert not out.exists() and server.bodies == []
+
+
+def test_cli_judge_arguments_have_help() -> None:
+    from esr_train.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    judge = sub.choices["judge"]
+    missing = [a.dest for a in judge._actions if a.dest != "help" and not a.help]
+    assert missing == []
+    assert {"retry_errors", "allow_empty"} <= {a.dest for a in judge._actions}
