@@ -1,13 +1,13 @@
 """Where a decode step of the eval's batch goes: attention over the key/value cache against
 the step's linear layers, at a bundled model's shapes (read from its config; SmolLM2-135M: 9
 query heads on 3 key/value heads of 64, 30 layers, 211 linears), in the dtype ``auto`` picks on
-this machine, timed alone (docs/performance.md P16).
+this machine, timed alone (results in docs/performance.md).
 
     python -m benchmarks.decode_attention_bench [--model smollm2-135m] [--batch 128] [--widths 100 200 300]
 
 Attention is timed as transformers runs it in a decode step (one query per row, grouped
 heads packed as 3 queries per key/value head, a padding mask) with SDPA, as two batched
-matmuls and with the decode loop's kernel (``esr_train.decode_attention``); the linears cycle through 211 distinct weights, so none stays in cache. Printed:
+matmuls and with the decode loop's kernel (``esr_train.speed.decode_attention``); the linears cycle through 211 distinct weights, so none stays in cache. Printed:
 milliseconds per step for each, the attention's GFLOP/s, and the matmul rate of a square
 1024 product (``esr_train.dtype.matmul_gflops``, the benchmarks' ceiling) in the same run.
 """
@@ -64,7 +64,7 @@ def attention_ms(m: Shapes, batch: int, width: int, dtype: torch.dtype) -> tuple
     fastest) for one layer's decode attention."""
     from types import SimpleNamespace
 
-    from esr_train.decode_attention import attention_forward, load_kernel
+    from esr_train.speed.decode_attention import attention_forward, load_kernel
 
     q = torch.randn(batch, m.kv_heads, m.heads // m.kv_heads, m.head_dim, dtype=dtype)
     k = torch.randn(batch, m.kv_heads, width, m.head_dim, dtype=dtype)
@@ -114,7 +114,7 @@ def linears_ms(m: Shapes, batch: int, dtype: torch.dtype) -> tuple[float, float]
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="a bundled model (its config gives the shapes)")
-    parser.add_argument("--batch", type=int, default=128, help="rows per step (128: P16-P25's step; the eval now runs 256)")
+    parser.add_argument("--batch", type=int, default=128, help="rows per step (the eval runs 256)")
     parser.add_argument("--widths", type=int, nargs="+", default=[100, 200, 300], help="cache columns")
     args = parser.parse_args(argv)
 

@@ -56,7 +56,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--grid", type=int, default=4, help="trials per prompt, each toward another concept")
     parser.add_argument("--tokens", type=int, default=256, help="max new tokens")
     parser.add_argument("--batch-size", type=int, default=256,
-                        help="rows per step: the SmolLM2 recipe's eval batch (docs/performance.md P3, P19, P26)")
+                        help="rows per step: the SmolLM2 recipe's eval batch")
     parser.add_argument("--naive", type=int, default=4, help="prompts timed one at a time")
     parser.add_argument("--json", help="write the rows here")
     return parser.parse_args(argv)
@@ -95,8 +95,8 @@ def measure(argv=None) -> list[dict]:
         return n_tok / took, n_tok, took
 
     # Steered and plain alternate, twice each, best of two: the first full-size pass of a
-    # process pays for kernel set-up at every new shape, so whichever ran first read about
-    # 25% slower in bf16 (docs/performance.md P13: a 26% "steering overhead" that was order).
+    # process pays for kernel set-up at every new shape, so whichever runs first reads slower
+    # and a single pair would report run order as "steering overhead" (see docs/performance.md).
     runs = {"steered": [], "plain": []}
     for _ in range(2):
         runs["plain"].append(rate())

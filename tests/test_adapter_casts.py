@@ -1,5 +1,5 @@
 """LoRA layers without PEFT's float32 input cast under bf16 autocast
-(esr_train.training.adapter_casts): the same adapter, bit for bit, from fewer copies."""
+(esr_train.speed.adapter_casts): the same adapter, bit for bit, from fewer copies."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from peft import LoraConfig
 from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
-from esr_train.training.adapter_casts import adapter_input_casts_off
+from esr_train.speed.adapter_casts import adapter_input_casts_off
 from tests.conftest import tiny_llama
 
 

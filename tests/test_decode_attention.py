@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from esr_train import decode_attention as da
+from esr_train.speed import decode_attention as da
 from tests.conftest import built_kernel, tiny_llama
 
 
@@ -62,7 +62,7 @@ def test_prefill_and_autograd_take_sdpa_itself(kernel):
 
 def test_stream_decode_switches_the_model_only_while_it_runs(kernel, monkeypatch):
     """Every pass of ``stream_decode`` sees the kernel's implementation; before and after,
-    the model is on SDPA; ``ESR_DECODE_ATTENTION=sdpa`` keeps SDPA throughout."""
+    the model is on SDPA; ``ESR_SPEED=-decode_attention`` keeps SDPA throughout."""
     from esr_train.decoding import stream_decode
 
     model = tiny_llama()
@@ -80,12 +80,12 @@ def test_stream_decode_switches_the_model_only_while_it_runs(kernel, monkeypatch
     list(stream_decode(model, [[1, 5, 9], [1, 7]], max_new_tokens=4, batch_size=2, observer=seen))
     assert seen.names == {da.NAME} and model.config._attn_implementation == "sdpa"
 
-    monkeypatch.setenv("ESR_DECODE_ATTENTION", "sdpa")
+    monkeypatch.setenv("ESR_SPEED", "-decode_attention")
     da.load_kernel.cache_clear()
     try:
         seen = Seen()
         list(stream_decode(model, [[1, 5, 9]], max_new_tokens=3, batch_size=1, observer=seen))
         assert seen.names == {"sdpa"}
     finally:
-        monkeypatch.delenv("ESR_DECODE_ATTENTION")
+        monkeypatch.delenv("ESR_SPEED")
         da.load_kernel.cache_clear()

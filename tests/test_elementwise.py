@@ -14,8 +14,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 import transformers.models.gemma3.modeling_gemma3 as gemma3_code
 import transformers.models.llama.modeling_llama as llama_code
 
-from esr_train import elementwise
-from esr_train.elementwise import compiled_elementwise
+from esr_train.speed import elementwise
+from esr_train.speed.elementwise import compiled_elementwise
 from tests.conftest import built_kernel, tiny_gemma3, tiny_llama
 
 MODULES = {"llama": (LlamaRMSNorm, False, 1.0), "gemma3": (Gemma3RMSNorm, True, 0.0)}  # class, gemma, weight mean
@@ -160,14 +160,14 @@ def test_decoding_takes_the_kernels_and_gives_transformers_code_back(kernel, bui
 
 
 def test_turned_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv("ESR_ELEMENTWISE", "torch")
+    monkeypatch.setenv("ESR_SPEED", "-elementwise")
     elementwise.load_kernel.cache_clear()
     try:
         model = tiny_llama()
         with compiled_elementwise(model):
             assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, LlamaRMSNorm))
     finally:
-        monkeypatch.delenv("ESR_ELEMENTWISE")
+        monkeypatch.delenv("ESR_SPEED")
         elementwise.load_kernel.cache_clear()
 
 

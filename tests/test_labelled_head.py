@@ -1,4 +1,4 @@
-"""TRL's fused LM head with only the labelled positions projected (esr_train.training.labelled_head):
+"""TRL's fused LM head with only the labelled positions projected (esr_train.speed.labelled_head):
 the same loss and gradients as TRL's every-position CPU path, from fewer rows through the head."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from trl.trainer.utils import add_fused_lm_head
 
-from esr_train.training.labelled_head import labelled_positions_only
+from esr_train.speed.labelled_head import labelled_positions_only
 from tests.conftest import tiny_llama
 
 

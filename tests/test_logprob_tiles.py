@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from esr_train.training import logprob_tiles as lt
+from esr_train.speed import logprob_tiles as lt
 from tests.conftest import built_kernel
 
 trl_tiles = importlib.import_module(lt.TRL_MODULE)
@@ -66,7 +66,7 @@ def test_compiled_folds_give_trl_s_outputs_and_gradients(kernel, monkeypatch, dt
     # round one element the other way, so the tolerance is bf16's there
     tol = 2e-5 if autocast is None else 1e-2
     torch.testing.assert_close(got_grad.float(), expected_grad.float(), rtol=tol, atol=tol)
-    assert trl_tiles._forward_tile is _refuse, "the folds that were there are put back after the block"
+    assert getattr(trl_tiles._forward_tile, "refuses", False), "the folds that were there are put back after the block"
 
 
 def _refuse(*args, **kwargs):
@@ -74,9 +74,25 @@ def _refuse(*args, **kwargs):
 
 
 def _refuse_torch_folds(monkeypatch):
-    """TRL's folds replaced by ones that fail, so a test proves the compiled folds did the work."""
-    monkeypatch.setattr(trl_tiles, "_forward_tile", _refuse)
-    monkeypatch.setattr(trl_tiles, "_backward_tile", _refuse)
+    """TRL's folds replaced by ones that fail (with TRL's signatures, which the patch checks),
+    so a test proves the compiled folds did the work."""
+    import functools
+
+    for name in ("_forward_tile", "_backward_tile"):
+        refusing = functools.wraps(getattr(trl_tiles, name))(lambda *a, **k: _refuse(*a, **k))
+        refusing.refuses = True
+        monkeypatch.setattr(trl_tiles, name, refusing)
+
+
+def test_a_trl_fold_with_another_signature_is_left_alone(kernel, monkeypatch, caplog):
+    """A TRL release whose fold takes other parameters keeps its own fold, and one warning says so."""
+    def renamed(tile, stride, targets, *rest):
+        return None
+
+    monkeypatch.setattr(trl_tiles, "_forward_tile", renamed)
+    with caplog.at_level("WARNING"), lt.compiled_logprob_tiles() as on:
+        assert not on and trl_tiles._forward_tile is renamed
+    assert "_forward_tile takes (tile, stride, targets, rest)" in caplog.text
 
 
 def test_scale_temperature_and_partial_outputs(kernel, monkeypatch):
@@ -106,7 +122,7 @@ def test_tiles_it_does_not_take_go_to_trl(kernel):
 
 
 def test_the_switch_is_off_by_environment(monkeypatch):
-    monkeypatch.setenv("ESR_LOGPROB_TILES", "torch")
+    monkeypatch.setenv("ESR_SPEED", "-logprob_tiles")
     lt.load_kernel.cache_clear()
     try:
         before = trl_tiles._forward_tile

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esr_train import packed_linear as pl
+from esr_train.speed import packed_linear as pl
 from esr_train.decoding import decode
 from tests.conftest import tiny_llama
 
@@ -76,7 +76,7 @@ def test_what_stays_plain(monkeypatch):
     assert all(m is not tied.lm_head for m, _ in pl._candidates(tied)), "a large tied head stays plain"
     with torch.inference_mode(), pl.packed_linears(tied, rows=2):
         assert tied.model.embed_tokens.weight.numel() > 0
-    monkeypatch.setenv("ESR_PACKED_LINEAR", "0")
+    monkeypatch.setenv("ESR_SPEED", "off")
     assert not pl.available()
 
 

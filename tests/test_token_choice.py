@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esr_train import decoding, token_choice
+from esr_train import decoding
+from esr_train.speed import token_choice
 from esr_train.decoding import Sampling
 from tests.conftest import built_kernel, tiny_llama
 

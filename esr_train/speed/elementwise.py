@@ -4,12 +4,11 @@ or CPU training.
 Why: ``LlamaRMSNorm`` is seven torch ops (a cast, the square, the mean, the epsilon, the rsqrt, the
 product, a cast back and the weight's product), each a pass over the rows and a dispatch of its own,
 and a SmolLM2 decode step runs 61 of them; ``apply_rotary_pos_emb`` is eleven more (two halves, a
-negation, a concatenation, four products and two sums) for each of 30 layers. Made identities (not a
-valid model, only a bound) the norms were 10-13 ms and the rotary embedding 3-5 ms of a 100 ms step
-at batch 128 (docs/performance.md P25). ``csrc/elementwise.cpp`` does each in one pass per row
+negation, a concatenation, four products and two sums) for each of 30 layers; together they are a
+noticeable share of a decode step (measured in docs/performance.md). ``csrc/elementwise.cpp`` does each in one pass per row
 with transformers' roundings (its header lists them). The rotary embedding is the same bit for bit;
 the norm agrees to float32 rounding, and in bfloat16 a rounding moves now and then by one unit, as any
-change of summation order does (P22).
+change of summation order does.
 
 Scope: the CPU, float32 or bfloat16, for the code whose arithmetic the kernels copy: ``LlamaRMSNorm``
 (SmolLM2), ``Gemma3RMSNorm`` (Gemma 3's (1 + w) scaling in float32), and the ``apply_rotary_pos_emb``
@@ -18,36 +17,39 @@ of the Llama and Gemma 3 modelling modules. Any other input goes to transformers
 (:func:`compiled_elementwise`); ``esr train`` switches them on ``with_grad`` around
 ``trainer.train()``, where a frozen norm and the rotary embedding also run a compiled backward
 (:class:`_RMSNorm`, :class:`_Rotary`; the summary key ``compiled_norms``). ``model.generate`` and
-perplexity passes keep transformers' code. ``ESR_ELEMENTWISE=torch`` turns both off.
+perplexity passes keep transformers' code. ``ESR_SPEED=-elementwise`` turns both off.
 
-Training (docs/performance.md P25): a norm's backward computes the input's gradient in one pass per
-row as autograd through the module's ops does (the weight's product rounded to the dtype first for
-Llama, kept in float32 for Gemma 3), to float32 rounding; LoRA steps on train_bench's data went bf16
-634.0 -> 669.8 tok/s, float32 298.5 -> 339.2 with the same final loss (bf16's first loss moved by
-0.0013, as any change of rounding does). The rotary embedding's backward is the forward kernel with
-sin's halves swapped and negated, autograd's bit for bit; q and k of 8 x 137 tokens, forward and
-backward, 1.99 -> 1.28 ms a layer in bf16, 2.89 -> 1.09 in float32.
+Training: a norm's backward computes the input's gradient in one pass per row as autograd through
+the module's ops does (the weight's product rounded to the dtype first for Llama, kept in float32 for
+Gemma 3), to float32 rounding, so losses match transformers' code up to rounding. The rotary
+embedding's backward is the forward kernel with sin's halves swapped and negated, autograd's bit for
+bit. Training speed-ups are measured in docs/performance.md.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
 
+from esr_train.speed.guard import signature_matches
+
 NORMS = {"LlamaRMSNorm": False, "Gemma3RMSNorm": True}  # class name -> Gemma's (1 + w) scaling
+NORM_FORWARD = {"LlamaRMSNorm": ("self", "hidden_states"), "Gemma3RMSNorm": ("self", "x")}
+"""The forward signatures the compiled norm replaces; another is left to transformers."""
 ATTENTIONS = ("LlamaAttention", "Gemma3Attention")  # their modules' apply_rotary_pos_emb is the one copied
 
 
 @lru_cache(maxsize=2)
 def load_kernel(cache_root: str | None = None):
     """The compiled kernels (built once per machine into ``<cache>/kernels``), or None."""
-    if os.environ.get("ESR_ELEMENTWISE", "").lower() == "torch":
+    from esr_train.speed import enabled
+    from esr_train.speed.build import build
+
+    if not enabled("elementwise"):
         return None
-    from esr_train.native import build
 
     return build("esr_elementwise", "elementwise.cpp", "the CPU RMSNorm and RoPE kernels", cache_root)
 
@@ -147,7 +149,9 @@ def compiled_elementwise(model, with_grad: bool = False):
     device = next(model.parameters()).device
     kernel = load_kernel() if device.type == "cpu" else None
     norms = [m for m in model.modules() if type(m).__name__ in NORMS and "forward" not in vars(m)
-             and isinstance(getattr(m, "weight", None), torch.Tensor)] if kernel is not None else []
+             and isinstance(getattr(m, "weight", None), torch.Tensor)
+             and signature_matches(type(m).forward, NORM_FORWARD[type(m).__name__],
+                                   f"{type(m).__module__}.{type(m).__name__}.forward")] if kernel is not None else []
     ropes = [(module, module.apply_rotary_pos_emb) for module in _rope_modules(model)] if kernel is not None else []
     for module in norms:
         module.forward = _norm_forward(module, kernel, NORMS[type(module).__name__], with_grad)

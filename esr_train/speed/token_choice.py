@@ -6,25 +6,23 @@ it into another, softmax takes three passes, the cumulative sum one more, and ea
 batch 128 against SmolLM2's 49,152 tokens moves 25 MB. The kernel (``csrc/token_choice.cpp``)
 copies each row once into a scratch row that stays in the core's cache and does the rest
 there: the penalty on the row's own tokens, the temperature, the max, the exps, one draw by
-inverse CDF (or the argmax when greedy). docs/performance.md P24 has the timings.
+inverse CDF (or the argmax when greedy). Timings are in docs/performance.md.
 
 It takes what the evaluation and data generation use: a repetition penalty, a temperature,
 sampling or greedy. A ``top_k`` or ``top_p`` warper, scores not float32 on the CPU, a missing
-compiler, or ``ESR_TOKEN_CHOICE=torch`` keep transformers' processors. A row whose scores hold
+compiler, or ``ESR_SPEED=-token_choice`` keep transformers' processors. A row whose scores hold
 a NaN (or, sampled, +inf) is drawn with torch's ops from the same uniform number. The draw
 uses the same uniform numbers as :func:`esr_train.decoding.sample_rows` (one
 ``torch.rand`` per row from the same generator), so a token differs from torch's only where
 that number lies within float rounding of a boundary between two tokens
 (``tests/test_token_choice.py``). torch's float32 cumulative sum drifts by a few millionths
-over 49,152 tokens (its last entry read 1.0000035), so in a steered SmolLM2 run 6 of 49,350
-draws differed, each between two tail tokens of probability 1e-5 or less; in bf16 any such
-difference then changes the batch's later arithmetic, so whole answers differ as with any
-change of summation order (docs/performance.md P22, P24).
+over a large vocabulary, so a rare draw picks the neighbouring tail token (both of tiny
+probability); in bf16 any such difference then changes the batch's later arithmetic, so
+whole answers differ as with any change of summation order (see docs/performance.md).
 """
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
@@ -33,9 +31,11 @@ import torch
 @lru_cache(maxsize=2)
 def load_kernel(cache_root: str | None = None):
     """The compiled token choice (built once per machine into ``<cache>/kernels``), or None."""
-    if os.environ.get("ESR_TOKEN_CHOICE", "").lower() == "torch":
+    from esr_train.speed import enabled
+    from esr_train.speed.build import build
+
+    if not enabled("token_choice"):
         return None
-    from esr_train.native import build
 
     return build("esr_token_choice", "token_choice.cpp", "the CPU token choice", cache_root)
 

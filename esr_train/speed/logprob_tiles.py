@@ -5,9 +5,9 @@ label is the top token) through ``trl.kernels.ChunkedLogProbFunction``: the head
 taken in [tokens x 32,768] tiles and each tile is folded into online log-sum-exp statistics by
 a Triton kernel on CUDA. Elsewhere TRL folds a tile with torch ops (``_forward_tile``,
 ``_backward_tile``): about a dozen float32 passes over the tile each way (the cast, the
-logit scale and temperature even at 1.0, the max, exp, the entropy and top-1 terms). For 1,024
-tokens against SmolLM2's 49,152-entry vocabulary the head took 1.36 s forward and backward on
-the Intel bf16 machine, where the products alone took 0.36 s (docs/performance.md P23).
+logit scale and temperature even at 1.0, the max, exp, the entropy and top-1 terms). With a
+large vocabulary those folds, not the head's products, take most of the head's time on a CPU
+(measured in docs/performance.md).
 
 ``compiled_logprob_tiles`` puts ``csrc/logprob_tiles.cpp`` in their place for the length of
 a ``with`` block: the same statistics and gradients, one task per token, two passes over the
@@ -15,27 +15,39 @@ row forward (the max, then the exps) and one backward, the exps 8 lanes at a tim
 the chunking and the gradient GEMMs stay TRL's. Results agree with TRL's torch folds to float32
 rounding (``tests/test_logprob_tiles.py``), not bit for bit. Tiles the kernel does not take
 (not on CPU, float16, a final-logit softcap, views it cannot read) go to TRL's own fold, as
-does everything where the kernel cannot be built or ``ESR_LOGPROB_TILES=torch`` is set.
+does everything where the kernel cannot be built or ``ESR_SPEED=-logprob_tiles`` is set, or TRL's folds no longer take the
+parameters the replacements were written for (:mod:`esr_train.speed.guard`).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
 
+from esr_train.speed.guard import signature_matches
+
 TRL_MODULE = "trl.kernels.chunked_logprob"
+FORWARD_TILE = ("tile", "tile_stride", "targets", "running_max", "sum_exp", "x_sum_exp", "sq_sum_exp", "z_sum",
+                "max_before_target", "target_logit", "vocab_start", "n_cols", "logit_scale", "softcap", "inv_t",
+                "HAS_SOFTCAP", "HAS_ENTROPY", "HAS_LOG_SUM_SQ_PROBS", "HAS_MEAN_LOGITS", "HAS_IS_TOP1", "BLOCK_SIZE")
+"""The parameters of TRL's ``_forward_tile`` that :func:`_folds` replaces."""
+BACKWARD_TILE = ("tile", "tile_stride", "targets", "log_z", "entropy", "grad_logprobs", "grad_entropy", "vocab_start",
+                 "n_cols", "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP", "HAS_LOGPROB_GRAD", "HAS_ENTROPY_GRAD",
+                 "BLOCK_SIZE")
+"""The parameters of TRL's ``_backward_tile``."""
 
 
 @lru_cache(maxsize=2)
 def load_kernel(cache_root: str | None = None):
     """The compiled folds (built once per machine into ``<cache>/kernels``), or None."""
-    if os.environ.get("ESR_LOGPROB_TILES", "").lower() == "torch":
+    from esr_train.speed import enabled
+    from esr_train.speed.build import build
+
+    if not enabled("logprob_tiles"):
         return None
-    from esr_train.native import build
 
     return build("esr_logprob_tiles", "logprob_tiles.cpp", "the CPU log-prob head folds", cache_root)
 
@@ -86,7 +98,9 @@ def compiled_logprob_tiles():
         yield False
         return
     forward, backward = getattr(module, "_forward_tile", None), getattr(module, "_backward_tile", None)
-    kernel = load_kernel() if forward is not None and backward is not None else None
+    fits = (signature_matches(forward, FORWARD_TILE, f"{TRL_MODULE}._forward_tile")
+            and signature_matches(backward, BACKWARD_TILE, f"{TRL_MODULE}._backward_tile"))
+    kernel = load_kernel() if fits else None
     if kernel is None:
         yield False
         return

@@ -1,12 +1,11 @@
 """Linear layers in oneDNN's packed weight layout for the length of a CPU decode run.
 
 Why: a decode step multiplies a few dozen rows by every weight matrix, and MKL's plain
-``F.linear`` runs those skinny products at 0.5-0.7 of this machine's square-matmul rate
-(docs/performance.md P3). oneDNN with the weights reordered once into its blocked layout
+``F.linear`` runs those skinny products well below the machine's square-matmul rate.
+oneDNN with the weights reordered once into its blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``, the path ``torch.compile`` takes on CPU when
-it freezes weights) ran SmolLM2-135M's 211 linears 8-16% faster at 47-64 rows and its
-49152-row head 1.5-1.7x faster, on a 2-core AVX2 EPYC in float32; the steered decode's
-forward passes took 21% less time (P19).
+it freezes weights) runs them faster, the wide LM head most of all (measured in
+docs/performance.md).
 
 The packed copy replaces the plain one: a layer's weight is reordered, its parameter's
 storage freed, and the plain weight written back from the packed one on exit (exact: a
@@ -19,17 +18,15 @@ Scope: float32 weights, and bfloat16 ones on a CPU with native bf16 (:func:`pack
 with oneDNN, in inference (no gradient through the packed product), for linears at least ``MIN_FEATURES`` wide on both sides (PEFT's LoRA A/B
 matrices stay plain, their base layers are packed). Inside the block a
 packed layer answers any number of rows, prefill included; code that reads a packed
-layer's ``weight`` directly meanwhile sees an empty tensor. On a 2-core Intel with AVX-512
-BF16 and AMX, where ``auto`` is bfloat16, packing the bf16 linears took the steered decode
-of 196 trials at batch 128 from 697 to 808 tok/s (1.16x, alternated in one process) with 64
-of 64 greedy answers identical (P21). Without native bf16 (AVX2 only) bf16 stays plain:
+layer's ``weight`` directly meanwhile sees an empty tensor. On a CPU with native bf16, where
+``auto`` is bfloat16, packed bf16 linears decode faster with the same greedy answers (see
+docs/performance.md). Without native bf16 (AVX2 only) bf16 stays plain:
 oneDNN's bf16 there was never measured, and ``auto`` picks float32 on such a CPU anyway.
-``ESR_PACKED_LINEAR=0`` turns it off.
+``ESR_SPEED=-packed_linear`` turns it off.
 """
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import torch
@@ -40,7 +37,9 @@ MIN_FEATURES = 128
 
 def available() -> bool:
     """oneDNN's packed linear is in this torch build and not turned off."""
-    return (os.environ.get("ESR_PACKED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+    from esr_train.speed import enabled
+
+    return (enabled("packed_linear") and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
@@ -78,7 +77,7 @@ def _candidates(model) -> list[tuple[torch.nn.Linear, bool]]:
 def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("esr_train.packed_linear: this layer is packed for decoding and takes no gradient; "
+            raise RuntimeError("esr_train.speed.packed_linear: this layer is packed for decoding and takes no gradient; "
                                "finish or close the decode before training through the model")
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     return forward

@@ -38,6 +38,8 @@ def adapter_input_casts_off(trainer):
     Yields whether the casts are off."""
     from peft.helpers import disable_input_dtype_casting
 
-    active = autocasts(trainer)
+    from esr_train.speed import enabled
+
+    active = enabled("adapter_casts") and autocasts(trainer)
     with disable_input_dtype_casting(trainer.model, active=active):
         yield active

@@ -1,9 +1,9 @@
 """A CPU attention for decode steps: one new token per row against the key/value cache.
 
 Why: in a decode step SDPA's CPU flash kernel handles each row's grouped query heads as
-tiny products and runs at about a tenth of this machine's matmul rate; at the batches
-data generation and evaluation use, it is a quarter to a third of a step
-(docs/performance.md P16). Written with ``torch`` ops (batched matmuls, elementwise
+tiny products and runs far below the machine's matmul rate; at the batches data
+generation and evaluation use, it is a large share of a step (measured in
+docs/performance.md). Written with ``torch`` ops (batched matmuls, elementwise
 products, ``torch.compile``) it was no faster. The kernel here (``csrc/decode_attention.cpp``,
 built once per machine with ``torch.utils.cpp_extension``) reads each cached key and value
 row once for all the query heads that share it, with the mask and the softmax in the same
@@ -11,19 +11,18 @@ pass (each a torch op of its own cost as much as the products at these sizes). S
 sums are float32 whatever the cache's dtype (float32 or
 bfloat16), as SDPA's CPU kernel keeps them. Where the CPU has AVX-512, a task whose query
 heads fit in registers (SmolLM2: 3 heads of 64) keeps them and its output rows there; the
-AVX2 loops had left a bf16 cache no faster than a float32 one (P22).
+AVX2 loops leave a bf16 cache no faster than a float32 one.
 
 Only CPU decode steps in inference take it (one query token, a float32 or bfloat16 cache,
 a boolean mask or none); prefill, training, GPUs and anything else go to transformers'
 SDPA function unchanged. ``stream_decode`` switches a model to it for the length of a run
 (:func:`decode_attention`); ``model.generate`` stays on SDPA, which is what the tests
-compare it against. ``ESR_DECODE_ATTENTION=sdpa`` turns it off; where no compiler can
+compare it against. ``ESR_SPEED=-decode_attention`` turns it off; where no compiler can
 build it, decoding keeps SDPA and says so once.
 """
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -36,12 +35,14 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 
 @lru_cache(maxsize=2)
 def load_kernel(cache_root: str | None = None):
-    """The compiled extension (built into ``<cache>/kernels`` on first use, 10-12 s
-    on two cores, or by ``esr models --prepare``; later processes load it), or None where
+    """The compiled extension (built into ``<cache>/kernels`` on first use, which takes
+    seconds, or by ``esr models --prepare``; later processes load it), or None where
     it cannot be built or is turned off."""
-    if os.environ.get("ESR_DECODE_ATTENTION", "").lower() == "sdpa":
+    from esr_train.speed import enabled
+    from esr_train.speed.build import build
+
+    if not enabled("decode_attention"):
         return None
-    from esr_train.native import build
 
     return build("esr_decode_attention", SOURCE.name, "the CPU decode attention", cache_root)
 
