@@ -68,6 +68,7 @@ def measure(argv=None) -> list[dict]:
 
     from esr_train.config import load_recipe
     from esr_train.dtype import matmul_gflops, resolve_dtype
+    from esr_train.settings import with_overrides
     from esr_train.training.trainer import train
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m.yaml")
@@ -78,9 +79,9 @@ def measure(argv=None) -> list[dict]:
         data = template_dataset(Path(tmp))
         for dtype in dtypes:
             gflops = matmul_gflops(getattr(torch, dtype), n=1024)
-            summary = train(recipe, Path(tmp) / f"out-{dtype}", dataset_dir=data,
-                            overrides={"dtype": dtype, "max_steps": args.steps, "save_steps": 10_000,
-                                       "logging_steps": 1, "eval_split": None})
+            staged = with_overrides(recipe, {"model": {"dtype": dtype}, "train": {
+                "max_steps": args.steps, "save_steps": 10_000, "logging_steps": 1, "eval_split": None}})
+            summary = train(staged, Path(tmp) / f"out-{dtype}", dataset_dir=data)
             steady = summary.get("steady_tokens_per_s")
             runs[dtype] = {"value": steady or summary["tokens_per_s"], "gflops": gflops,
                            "ceiling": round(gflops / (GFLOP_PER_TOKEN * LORA_FACTOR), 1),

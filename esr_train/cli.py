@@ -36,19 +36,13 @@ def _models(args) -> int:
         print(f"{entry.name:14s} {entry.description}")
         print(f"{'':14s} steer layer {entry.default_layer}; {took}; {model_cache_path(entry.name, args.cache_dir)}")
     if args.prepare:  # the CPU kernels are compiled once per machine too
-        from esr_train.decode_attention import load_kernel as decode_kernel
-        from esr_train.elementwise import load_kernel as elementwise_kernel
-        from esr_train.token_choice import load_kernel as choice_kernel
-        from esr_train.training.logprob_tiles import load_kernel as head_kernel
+        from esr_train.speed import PATHS, load_kernel
 
-        for label, what, load, fallback in (
-                ("decode attn", "CPU decode-step attention kernel", decode_kernel, "decoding uses SDPA"),
-                ("norm + RoPE", "CPU RMSNorm and RoPE (decoding; the norm in training)", elementwise_kernel, "transformers' code stays"),
-                ("token choice", "CPU next-token choice", choice_kernel, "decoding uses transformers' processors"),
-                ("log-prob head", "CPU folds of TRL's log-prob head", head_kernel, "training uses TRL's torch folds")):
+        for path in (p for p in PATHS.values() if p.compiled):
             t0 = time.perf_counter()
-            built = load(args.cache_dir) is not None
-            print(f"{label:14s} {what}: {f'ready in {time.perf_counter() - t0:.1f}s' if built else f'not built, {fallback}'}")
+            built = load_kernel(path.name, args.cache_dir) is not None
+            state = f"ready in {time.perf_counter() - t0:.1f}s" if built else f"not built or off, {path.fallback}"
+            print(f"{path.name:17s} {path.what}: {state}")
     return 0
 
 
@@ -112,33 +106,36 @@ def _steer(args) -> int:
 
 
 def _add_generate(sub) -> None:
-    from data_gen.builder import GenerateConfig
-    from esr_train.config import add_dataclass_arguments
+    from esr_train.settings import add_section_arguments
 
-    p = sub.add_parser("generate", help="build a synthetic self-correction dataset (data_gen)")
+    p = sub.add_parser("generate", help="build a synthetic self-correction dataset (data_gen)",
+                       description="Reads the recipe's data section (the writer model from model.name); any key "
+                                   "can be overridden: --data.n 200 --data.seed 1")
     p.add_argument("recipe", nargs="?", help="recipe YAML; its 'data' section (and model.name) are read")
-    p.add_argument("--out", "--output_dir", dest="out", required=True, help="dataset directory to write")
-    add_dataclass_arguments(p, GenerateConfig)
+    p.add_argument("--out", required=True, help="dataset directory to write")
+    add_section_arguments(p, ("model", "data"))
     p.set_defaults(func=_generate)
 
 
-def _data_config(args, command: str, **fixed):
-    """The GenerateConfig of ``esr generate`` / ``esr probe``: the recipe's ``data`` section
-    (and model.name), then the flags given, then the values ``fixed`` by the command."""
-    from data_gen.builder import GenerateConfig
-    from esr_train.config import build, load_recipe, section_with_overrides
+def _recipe(args, command: str) -> tuple[dict, str]:
+    """The recipe named on the command line (or none) with the ``--SECTION.KEY`` overrides
+    applied, and the name errors use for it."""
+    from esr_train.config import load_recipe
+    from esr_train.settings import with_overrides
 
-    recipe = load_recipe(args.recipe) if args.recipe else None
-    model = (recipe or {}).get("model", {}).get("name")
-    values = section_with_overrides(recipe, "data", args, GenerateConfig, extra={"model": model})
-    values.update(fixed)
-    return build(GenerateConfig, values, f"{args.recipe}: data" if args.recipe else command)
+    recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else {}
+    return with_overrides(recipe, args.overrides), str(args.recipe) if getattr(args, "recipe", None) else command
 
 
 def _generate(args) -> int:
     from data_gen.builder import build_dataset, format_summary
+    from esr_train.settings import data_config
 
-    cfg = _data_config(args, "esr generate")
+    from esr_train.preflight import check_out_path
+
+    check_out_path(args.out)
+    recipe, where = _recipe(args, "esr generate")
+    cfg = data_config(recipe, where)
     summary = build_dataset(cfg, args.out)
     print(format_summary(summary))
     print(f"dataset: {args.out} (datasets.load_from_disk), JSONL: {args.out}/train.jsonl, {args.out}/test.jsonl")
@@ -146,68 +143,56 @@ def _generate(args) -> int:
 
 
 def _add_probe(sub) -> None:
-    from data_gen.builder import GenerateConfig
     from data_gen.probe import OPENERS
-    from esr_train.config import add_dataclass_arguments
+    from esr_train.settings import add_section_arguments
 
     p = sub.add_parser("probe", help="sample an adapter's unpushed answers on a dataset's training prompts and write "
                                      "the dataset again with its false restarts (and cut openers) as negatives",
-                       description="Reads the recipe's 'data' section like esr generate; --adapter is the writer, "
-                                   "--restart_probes the samples per prompt (default 1).")
+                       description="Reads the recipe's 'data' section like esr generate; --data.adapter is the writer, "
+                                   "--data.restart_probes the samples per prompt (default 1).")
     p.add_argument("recipe", nargs="?", help="recipe YAML; its 'data' section (and model.name) are read")
     p.add_argument("--dataset", required=True, help="dataset directory to probe on and copy (esr generate's output)")
-    p.add_argument("--out", "--output_dir", dest="out", required=True, help="new dataset directory to write")
+    p.add_argument("--out", required=True, help="new dataset directory to write")
     p.add_argument("--openers", choices=OPENERS, default="one",
                    help="negatives cut from the answers that did not restart: none, one random cut, or every cut")
-    p.add_argument("--opener_sentences", type=int, default=3, help="cut after one of the first N sentences")
-    add_dataclass_arguments(p, GenerateConfig)
+    p.add_argument("--opener-sentences", type=int, default=3, help="cut after one of the first N sentences")
+    add_section_arguments(p, ("model", "data"))
     p.set_defaults(func=_probe)
 
 
 def _probe(args) -> int:
     from data_gen.probe import format_probe_summary, probe_dataset
+    from esr_train.settings import data_config
 
     # a recipe's data section is round one's, without probes: the flag or 1
-    cfg = _data_config(args, "esr probe", restart_probes=args.restart_probes or 1)
+    from esr_train.preflight import check_out_path
+
+    check_out_path(args.out)
+    recipe, where = _recipe(args, "esr probe")
+    cfg = data_config(recipe, where, restart_probes=(args.overrides.get("data") or {}).get("restart_probes") or 1)
     summary = probe_dataset(cfg, args.dataset, args.out, args.openers, args.opener_sentences)
     print(format_probe_summary(summary))
-    print(f"dataset: {args.out} (train it with --unlikelihood_weight)")
+    print(f"dataset: {args.out} (train it with --train.unlikelihood_weight)")
     return 0
 
 
 def _add_train(sub) -> None:
+    from esr_train.settings import add_section_arguments
+
     p = sub.add_parser("train", help="train a LoRA adapter on a generated dataset (TRL SFTTrainer + PEFT)",
-                       description="Any recipe key can be overridden: --learning_rate 1e-4 --max_steps 20 --r 8 ...")
+                       description="Reads the recipe's model and train sections; any key can be overridden: "
+                                   "--train.learning_rate 1e-4 --train.max_steps 20 --train.r 8 ...")
     p.add_argument("recipe", nargs="?", help="recipe YAML (sections model, data, train, eval)")
     p.add_argument("--dataset", help="dataset directory (default: the recipe's train.dataset)")
-    p.add_argument("--output_dir", "--out", dest="output_dir", help="adapter directory to write")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output_dir")
+    p.add_argument("--out", help="adapter directory to write (default: the recipe's train.output_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--list-keys", action="store_true", help="print every valid train key and exit")
-    p.set_defaults(func=_train, accepts_overrides=True)
-
-
-def parse_overrides(extra: list[str]) -> dict:
-    """``--key value`` pairs (or ``--key=value``) -> {key: YAML-typed value}."""
-    from esr_train.config import RecipeError
-    from esr_train.training.recipe import coerce
-
-    out, i = {}, 0
-    while i < len(extra):
-        item = extra[i]
-        if not item.startswith("--"):
-            raise RecipeError(f"unexpected argument {item!r}: overrides are --key value")
-        key, eq, value = item[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
-                raise RecipeError(f"override --{key} needs a value")
-            value, i = extra[i + 1], i + 1
-        out[key.replace("-", "_")] = coerce(value)
-        i += 1
-    return out
+    add_section_arguments(p, ("model", "train"))
+    p.set_defaults(func=_train)
 
 
 def _train(args) -> int:
-    from esr_train.config import load_recipe
+    from esr_train.config import RecipeError
 
     if args.list_keys:
         from esr_train.training.recipe import all_train_keys
@@ -216,13 +201,17 @@ def _train(args) -> int:
             print(f"{owner}: {', '.join(keys)}")
         return 0
     if not args.recipe:
-        raise SystemExit("esr train: a recipe is required (see recipes/quick.yaml)")
-    from esr_train.training.trainer import train
+        raise RecipeError("a recipe is required (see recipes/quick.yaml)")
+    from esr_train.preflight import check_out_path
+    from esr_train.settings import validate_recipe
+    from esr_train.training.trainer import dataset_paths, train
 
-    recipe = load_recipe(args.recipe)
-    out = args.output_dir or recipe.get("train", {}).get("output_dir") or "outputs/adapter"
-    summary = train(recipe, out, overrides=args.overrides, dataset_dir=args.dataset, resume=args.resume,
-                    where=str(args.recipe))
+    recipe, where = _recipe(args, "esr train")
+    out = args.out or recipe.get("train", {}).get("output_dir") or "outputs/adapter"
+    check_out_path(out)
+    dataset_paths(args.dataset or recipe.get("train", {}).get("dataset"))  # before the libraries load
+    validate_recipe(recipe, where)
+    summary = train(recipe, out, dataset_dir=args.dataset, resume=args.resume, where=where)
     print(json.dumps({k: summary[k] for k in ("model", "dtype", "steps", "tokens", "tokens_per_s", "first_train_loss",
                                               "final_train_loss", "final_eval_loss")}, indent=2))
     print(f"adapter: {out}")
@@ -230,24 +219,32 @@ def _train(args) -> int:
 
 
 def _add_sweep(sub) -> None:
+    from esr_train.settings import add_section_arguments
+
     p = sub.add_parser("sweep", help="train one adapter per self-correction share (the study's 10%%-90%% sweep)")
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--dataset", required=True, help="dataset directory written by esr generate")
-    p.add_argument("--output_dir", "--out", dest="output_dir", required=True, help="sweep directory")
+    p.add_argument("--out", required=True, help="sweep directory")
     p.add_argument("--mixes", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated self-correction shares")
-    p.set_defaults(func=_sweep, accepts_overrides=True)
+    add_section_arguments(p, ("model", "train"))
+    p.set_defaults(func=_sweep)
 
 
 def _sweep(args) -> int:
-    from esr_train.config import RecipeError, load_recipe
+    from esr_train.config import RecipeError
+    from esr_train.settings import validate_recipe
     from esr_train.training.sweep import sweep
 
     try:
         mixes = [float(m) for m in args.mixes.split(",") if m.strip()]
     except ValueError:
         raise RecipeError(f"--mixes must be numbers separated by commas, got {args.mixes!r}") from None
-    result = sweep(load_recipe(args.recipe), args.dataset, args.output_dir, mixes, overrides=args.overrides,
-                   where=str(args.recipe))
+    from esr_train.preflight import check_out_path
+
+    check_out_path(args.out)
+    recipe, where = _recipe(args, "esr sweep")
+    validate_recipe(recipe, where)
+    result = sweep(recipe, args.dataset, args.out, mixes, where=where)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -268,38 +265,27 @@ def _merge(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    from esr_train.config import add_dataclass_arguments
-    from eval.config import EvalConfig
+    from esr_train.settings import add_section_arguments
 
     p = sub.add_parser("eval", help="steer base / meta-prompted / fine-tuned models and measure restarts (ESR)",
-                       description="Reads the recipe's eval section; every key can be given as a flag. "
-                                   "With --adapter the run covers base, base + meta-prompt and the adapter.")
+                       description="Reads the recipe's model and eval sections; any key can be overridden: "
+                                   "--eval.trials 50 --eval.strength 0.8. With --adapter the run covers base, "
+                                   "base + meta-prompt and the adapter.")
     p.add_argument("recipe", nargs="?", help="recipe YAML (its model and eval sections are read)")
-    p.add_argument("--out", "--output_dir", dest="out", required=True, help="run directory (resumes if it exists)")
+    p.add_argument("--out", required=True, help="run directory (resumes if it exists)")
     p.add_argument("--adapter", action="append", default=None, help="adapter directory (repeat to compare several)")
     p.add_argument("--no-report", action="store_true", help="skip report.md / report.html")
-    add_dataclass_arguments(p, EvalConfig, skip=("adapters",))
+    add_section_arguments(p, ("model", "eval"), skip=("eval.adapters",))
     p.set_defaults(func=_eval)
 
 
-def eval_config(recipe_path: str | None, args, adapters: list[str] | None = None):
-    """EvalConfig from the recipe's eval section (model name and dtype from its model
-    section), overridden by flags."""
-    from esr_train.config import build, load_recipe, section_with_overrides
-    from eval.config import EvalConfig
-
-    recipe = load_recipe(recipe_path) if recipe_path else None
-    model = (recipe or {}).get("model", {})
-    extra = {"model": model.get("name"), "dtype": model.get("dtype"), "adapters": adapters}
-    values = section_with_overrides(recipe, "eval", args, EvalConfig, extra=extra)
-    return build(EvalConfig, values, f"{recipe_path}: eval" if recipe_path else "esr eval")
-
-
 def _eval(args) -> int:
+    from esr_train.settings import eval_config
     from eval.harness import run_eval
     from eval.report import format_table, write_report
 
-    cfg = eval_config(args.recipe, args, args.adapter)
+    recipe, where = _recipe(args, "esr eval")
+    cfg = eval_config(recipe, where, args.adapter)
     summary = run_eval(cfg, args.out)
     print(format_table(summary))
     print(f"trials: {args.out}/trials.jsonl  summary: {args.out}/summary.json")
@@ -309,26 +295,44 @@ def _eval(args) -> int:
 
 
 def _add_judge(sub) -> None:
-    p = sub.add_parser("judge", help="judge rows {prompt, response, concept} of a JSONL file into scored attempts")
-    p.add_argument("file", help="input JSONL")
-    p.add_argument("--out", required=True, help="output JSONL (resumes if it exists)")
-    p.add_argument("--judge", choices=["offline", "llm"], default="offline")
-    p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint for --judge llm")
+    p = sub.add_parser("judge", help="judge rows {prompt, response, concept} of a JSONL file into scored attempts",
+                       description="Judge rows {prompt, response, concept} of a JSONL file into scored attempts. "
+                                   "Exit status: 0 all rows judged, 1 bad input or settings, 3 the output was "
+                                   "written but some rows failed (their 'error' says why; re-run with "
+                                   "--retry-errors to judge them again).")
+    p.add_argument("file", help="input JSONL, one {prompt, response, concept?, reference?} object a line")
+    p.add_argument("--out", required=True, help="output JSONL (resumes if it exists: only rows not yet in it "
+                                                "are judged)")
+    p.add_argument("--judge", choices=["offline", "llm"], default="offline",
+                   help="offline: the bundled local judge; llm: a chat model behind --judge-base-url "
+                        "(default: %(default)s)")
+    p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint for --judge llm, e.g. "
+                                            "http://localhost:8000/v1 (no user:password@ in it: use the key variable)")
     p.add_argument("--judge-model", help="model name for --judge llm")
-    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key for --judge llm; unset sends no key "
+                        "(default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=4,
+                   help="parallel requests for --judge llm (default: %(default)s)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="judge again the rows that a previous run into --out recorded as errors")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="accept an input without rows (writes an empty output) instead of failing")
     p.set_defaults(func=_judge)
 
 
 def _judge(args) -> int:
     from eval.config import EvalConfig
     from eval.harness import make_judge
-    from eval.judge_files import judge_file
+    from eval.judge_files import failed_rows_error, judge_file
 
     judge = make_judge(EvalConfig(judge=args.judge, judge_base_url=args.judge_base_url, judge_model=args.judge_model,
                                   judge_api_key_env=args.judge_api_key_env, judge_concurrency=args.concurrency))
-    counts = judge_file(args.file, args.out, judge)
+    counts = judge_file(args.file, args.out, judge, retry_errors=args.retry_errors, allow_empty=args.allow_empty)
     print(json.dumps({"judge": judge.name, **counts}, indent=2))
+    failed = failed_rows_error(args.out, counts)
+    if failed:  # the output is complete and printed; exit 3 so scripts notice the failed rows
+        raise failed
     return 0
 
 
@@ -446,32 +450,28 @@ def _pool(args) -> int:
 
 def _add_pipeline(sub) -> None:
     from esr_train.pipeline import STAGES
+    from esr_train.settings import add_section_arguments
 
     p = sub.add_parser("pipeline", help="generate -> train -> eval -> report in one run directory (resumable)",
-                       description="Overrides go to one section: --data.n 100 --train.max_steps 40 --eval.trials 50")
+                       description="Overrides name their section: --data.n 100 --train.max_steps 40 "
+                                   "--eval.trials 50")
     p.add_argument("recipe", help="recipe YAML (sections model, data, train, eval)")
-    p.add_argument("--out", "--output_dir", dest="out", help="run directory (default runs/RECIPE_NAME)")
+    p.add_argument("--out", help="run directory (default runs/RECIPE_NAME)")
     p.add_argument("--stages", help="comma-separated subset of the stages (default: all of them: generate, "
                    f"train, then generateN and trainN for each roundN section, {', '.join(STAGES[-2:])})")
-    p.set_defaults(func=_pipeline, accepts_overrides=True)
+    add_section_arguments(p, ("model", "data", "train", "eval"), skip=("eval.adapters",))
+    p.set_defaults(func=_pipeline)
 
 
 def _pipeline(args) -> int:
     from pathlib import Path
 
-    from esr_train.config import RecipeError
     from esr_train.pipeline import describe, run_pipeline
     from eval.report import format_table
 
-    sections: dict[str, dict] = {}
-    for key, value in args.overrides.items():
-        section, dot, name = key.partition(".")
-        if not dot or section not in ("data", "train", "eval"):
-            raise RecipeError(f"pipeline override --{key}: write --data.KEY, --train.KEY or --eval.KEY")
-        sections.setdefault(section, {})[name] = value
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None
-    result = run_pipeline(args.recipe, out, stages=stages, overrides=sections)
+    result = run_pipeline(args.recipe, out, stages=stages, overrides=args.overrides)
     print(describe(result))
     if result.get("summary"):
         print(format_table(result["summary"]))
@@ -505,33 +505,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "accepts_overrides", False):
+    if extra and "train" not in getattr(args, "override_sections", ()):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from data_gen.banks import BankError
-    from data_gen.builder import GenerateError
-    from esr_train.config import RecipeError
-    from esr_train.directions import DirectionError
-    from esr_train.layers import LayerError
-    from esr_train.zoo import ModelLoadError
-
-    from esr_train.training.sweep import SweepError
-    from esr_train.training.trainer import TrainError
-    from eval.config import EvalConfigError
-    from eval.judge_files import JudgeFileError
-    from eval.pooling import PoolError
+    from esr_train.errors import EsrError
 
     try:
-        if getattr(args, "accepts_overrides", False):
-            args.overrides = parse_overrides(extra)
+        if hasattr(args, "override_sections"):
+            from esr_train.settings import collect_overrides
+
+            args.overrides = collect_overrides(args, extra)
         return int(args.func(args) or 0)
-    except (ModelLoadError, DirectionError, LayerError, RecipeError, BankError, GenerateError, TrainError,
-            SweepError, EvalConfigError, JudgeFileError, PoolError) as exc:
-        print(f"esr {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except EsrError as exc:
+        print(error_line(args.command, exc), file=sys.stderr)
+        return exc.exit_code
+
+
+def error_line(command: str, exc: BaseException) -> str:
+    """``esr COMMAND: error: MESSAGE`` with the prefix said once, even when the message
+    already starts with it."""
+    prefix = f"esr {command}: "
+    text = str(exc)
+    while text.startswith(prefix):
+        text = text[len(prefix):]
+    if text.startswith("error: "):
+        text = text[len("error: "):]
+    return f"{prefix}error: {text}"
 
 
 if __name__ == "__main__":

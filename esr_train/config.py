@@ -73,15 +73,107 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[st
                             help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether ``value`` (as YAML or the command line gives it) fits the annotation ``tp``;
+    classes this check does not know are left to the library that owns the field."""
+    import collections.abc
+    import enum
+    import types
+    import typing
+
+    if tp is Any or tp is object:
+        return True
+    if tp is type(None) or tp is None:
+        return value is None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, set, collections.abc.Sequence) or tp in (list, tuple, set):
+        inner = args[0] if args and args[0] is not Ellipsis else Any
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, inner) for v in value)
+    if origin in (dict, collections.abc.Mapping) or tp is dict:
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return isinstance(value, tp) or value in {m.value for m in tp}
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if tp is type(None):
+        return "null"
+    if origin in (list, tuple, set):
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], _type_name(args[0]))}" if args else "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "text"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _is_number_text(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
+def checked_values(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` checked against the annotations of dataclass ``cls`` before anything uses
+    them: a wrong type is a :class:`RecipeError` naming ``where``, the key, the expected
+    type and the value. Number text such as ``1e-4`` (which YAML reads as a string) becomes
+    the number a float field expects."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation this Python cannot resolve: leave those to the class
+        hints = {}
+    out = dict(values)
+    for key, value in values.items():
+        tp = hints.get(key)
+        if tp is None or _type_ok(value, tp):
+            continue
+        if _is_number_text(value) and _type_ok(float(value), tp):
+            out[key] = float(value)
+            continue
+        raise RecipeError(f"{where}.{key}: expected {_type_name(tp)}, got {value!r}")
+    return out
+
+
 def build(cls, values: dict[str, Any], where: str):
-    """``cls(**values)`` with an error naming ``where`` and the valid keys on unknown keys."""
+    """``cls(**values)`` after :func:`checked_values`; an unknown key is an error naming
+    ``where`` and the valid keys, and a value the class refuses one naming ``where``."""
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - valid)
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    values = checked_values(cls, values, where)
     try:
         return cls(**values)
+    except RecipeError:
+        raise
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, EsrError):
+            raise
         raise RecipeError(f"{where}: {exc}") from None
 
 

@@ -13,13 +13,13 @@ streamed trials). The report is always rewritten (about a second). Layout::
     RUN/eval/      trials.jsonl, summary.json, calibration.json
     RUN/eval/report.html, report.md, plots/
 
-A ``round2`` section makes the run two rounds (docs/results.md R18, R20): the round-one
+A ``round2`` section makes the run two rounds (see docs/results.md): the round-one
 adapter writes more rows on-policy (``round2.data`` keys replace ``data`` keys; with the
 self backend the adapter is the writer), and the final adapter is trained on both rounds
 (``round2.train`` keys replace ``train`` keys, e.g. ``unlikelihood_weight``). The eval stage
 evaluates the final adapter. Without ``round2`` the two stages do nothing.
 
-``round3`` (then ``round4``, ...) repeats this once more (docs/results.md R29-R30): the
+``round3`` (then ``round4``, ...) repeats this once more: the
 previous round's adapter writes and probes (its own false restarts become negatives), and a
 new adapter is trained from the base model on every round's data. A round's keys replace
 those of the round before, so ``round3`` names only what differs from ``round2``.
@@ -46,15 +46,28 @@ STAGES = ("generate", "train", "generate2", "train2", "eval", "report")
 """The stages of a one- or two-round recipe; :func:`stage_names` gives any recipe's."""
 
 
+def staged_recipe(recipe: dict, overrides: dict, k: int = 1) -> dict:
+    """The recipe round ``k`` runs with: each round's ``data`` and ``train`` keys up to
+    ``k`` on top of the recipe's, then the command line's ``--SECTION.KEY`` overrides,
+    which win over every round."""
+    from esr_train.config import round_settings
+
+    staged = {name: dict(recipe.get(name) or {}) for name in ("model", "data", "train", "eval")}
+    for part in ("data", "train"):
+        staged[part].update(round_settings(recipe, k, part) if k > 1 else {})
+    for section, values in (overrides or {}).items():
+        staged.setdefault(section, {}).update(values)
+    return staged
+
+
 def _generate(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
-    from data_gen.builder import GenerateConfig, build_dataset
-    from esr_train.config import build
+    from data_gen.builder import build_dataset
+    from esr_train.settings import data_config
 
-    values = {**recipe.get("data", {}), "model": recipe.get("model", {}).get("name"), **overrides.get("data", {})}
-    return build_dataset(build(GenerateConfig, values, f"{recipe_path}: data"), run / "data")
+    return build_dataset(data_config(staged_recipe(recipe, overrides), recipe_path), run / "data")
 
 
-def _train_on(recipe: dict, recipe_path: str, out: Path, data: list[Path], train_overrides: dict) -> dict:
+def _train_on(staged: dict, recipe_path: str, out: Path, data: list[Path]) -> dict:
     """Train ``out`` on ``data`` unless it already holds an adapter trained on that data."""
     from esr_train.training.trainer import load_training_data, train
 
@@ -62,12 +75,11 @@ def _train_on(recipe: dict, recipe_path: str, out: Path, data: list[Path], train
     if done and (out / "adapter_config.json").exists() and done.get("dataset") == load_training_data(data)[1]:
         return done
     resume = any(out.glob("checkpoint-*")) if out.is_dir() else False
-    return train(recipe, out, overrides=train_overrides, dataset_dir=",".join(map(str, data)), resume=resume,
-                 where=recipe_path)
+    return train(staged, out, dataset_dir=",".join(map(str, data)), resume=resume, where=recipe_path)
 
 
 def _train(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
-    return _train_on(recipe, recipe_path, run / "adapter", [run / "data"], overrides.get("train", {}))
+    return _train_on(staged_recipe(recipe, overrides), recipe_path, run / "adapter", [run / "data"])
 
 
 def _round_dir(run: Path, k: int) -> Path:
@@ -77,20 +89,20 @@ def _round_dir(run: Path, k: int) -> Path:
 
 def _generate_round(k: int, recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
     """Round ``k``'s data, written by round ``k - 1``'s adapter when the backend is ``self``."""
+    from data_gen.builder import build_dataset
     from esr_train.config import rounds
+    from esr_train.settings import data_config
 
     if k not in rounds(recipe):
         return {"skipped": f"no round{k} section"}
-    data = round_data(recipe, run, k)
-    return _generate({**recipe, "data": data}, f"{recipe_path}: round{k}", _round_dir(run, k), overrides)
+    staged = {**staged_recipe(recipe, overrides, k), "data": round_data(recipe, run, k, overrides)}
+    return build_dataset(data_config(staged, f"{recipe_path}: round{k}"), _round_dir(run, k) / "data")
 
 
-def round_data(recipe: dict, run: Path, k: int) -> dict:
+def round_data(recipe: dict, run: Path, k: int, overrides: dict | None = None) -> dict:
     """Round ``k``'s generation settings: ``data`` with each round's keys up to ``k`` on top
     and, for the ``self`` backend, round ``k - 1``'s adapter as the writer."""
-    from esr_train.config import round_settings
-
-    data = {**recipe.get("data", {}), **round_settings(recipe, k, "data")}
+    data = staged_recipe(recipe, overrides or {}, k)["data"]
     if data.get("backend", "self") == "self":
         data["adapter"] = str(_round_dir(run, k - 1) / "adapter")
     return data
@@ -98,13 +110,12 @@ def round_data(recipe: dict, run: Path, k: int) -> dict:
 
 def _train_round(k: int, recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
     """Round ``k``'s adapter, trained from the base model on every round's data so far."""
-    from esr_train.config import round_settings, rounds
+    from esr_train.config import rounds
 
     if k not in rounds(recipe):
         return {"skipped": f"no round{k} section"}
-    train_overrides = {**round_settings(recipe, k, "train"), **overrides.get("train", {})}
-    return _train_on(recipe, f"{recipe_path}: round{k}", _round_dir(run, k) / "adapter",
-                     [_round_dir(run, j) / "data" for j in range(1, k + 1)], train_overrides)
+    return _train_on(staged_recipe(recipe, overrides, k), f"{recipe_path}: round{k}", _round_dir(run, k) / "adapter",
+                     [_round_dir(run, j) / "data" for j in range(1, k + 1)])
 
 
 def final_adapter(recipe: dict, run: Path) -> Path:
@@ -131,14 +142,11 @@ def _eval(recipe: dict, recipe_path: str, run: Path, overrides: dict) -> dict:
     weights (the train stage re-ran) is moved to ``eval.stale-N``, never mixed in."""
     import dataclasses
 
-    from esr_train.config import build
-    from eval.config import EvalConfig
+    from esr_train.settings import eval_config
     from eval.harness import run_eval
 
-    model, adapter = recipe.get("model", {}), final_adapter(recipe, run)
-    values = {**recipe.get("eval", {}), "model": model.get("name"), "dtype": model.get("dtype", "auto"),
-              "adapters": [str(adapter)], **overrides.get("eval", {})}
-    cfg = build(EvalConfig, values, f"{recipe_path}: eval")
+    adapter = final_adapter(recipe, run)
+    cfg = eval_config(staged_recipe(recipe, overrides), recipe_path, adapters=[str(adapter)])
     out = run / "eval"
     stamp = json.loads(json.dumps({"eval": dataclasses.asdict(cfg),
                                    "adapter_sha256": _file_digest(adapter / "adapter_model.safetensors")}))
@@ -199,8 +207,8 @@ def peak_rss_mib() -> float:
 
     On Linux it is ``VmHWM`` (of this process image). ``ru_maxrss`` is not: exec keeps the
     high-water mark of the process that forked it, so a pipeline started from a large
-    process (``python -m benchmarks`` after its in-process benchmarks) read 5966 MiB where
-    it peaked at 3532 (docs/performance.md P22). Elsewhere, ``ru_maxrss``."""
+    process (``python -m benchmarks`` after its in-process benchmarks) reads that parent's
+    peak, not its own. Elsewhere, ``ru_maxrss``."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
@@ -214,8 +222,8 @@ def peak_rss_mib() -> float:
 def release_freed_memory() -> None:
     """Collect garbage and hand the allocator's free pages back to the system (glibc's
     ``malloc_trim``; elsewhere only the collection). Between stages: a stage's freed tensors
-    otherwise stay in the process's heap and the next stage's peak lands on top of them (R49's
-    eval stage read 10,028 MiB after train3's 6,320; the eval alone peaks at 3.5 GB, P26)."""
+    otherwise stay in the process's heap and the next stage's peak lands on top of them, so
+    the eval stage would report training's memory plus its own."""
     import ctypes
     import gc
 
@@ -235,7 +243,7 @@ def restart_peak_rss() -> bool:
     """Start a new high-water mark at the current RSS (Linux: ``clear_refs`` 5), so that the
     next :func:`peak_rss_mib` is one stage's own peak; False where that is not allowed. The
     kernel's mark is the one ``getrusage`` and ``/usr/bin/time`` read too, so for a pipeline
-    they see only its last stage's peak; ``pipeline.json`` keeps the run's (R51)."""
+    they see only its last stage's peak; ``pipeline.json`` keeps the whole run's."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
             refs.write("5")
@@ -253,15 +261,23 @@ def run_pipeline(recipe_path: str, run_dir: str | Path, *, stages: tuple[str, ..
     resident (None where the high-water mark cannot be restarted). Freed memory is handed
     back between stages.
 
-    ``overrides`` maps a section (data/train/eval) to keys that replace the recipe's."""
-    from esr_train.config import load_recipe
+    ``overrides`` maps a section (model/data/train/eval) to keys that replace the recipe's
+    in every round. The recipe, its rounds and the overrides are checked before anything
+    is written."""
+    from esr_train.config import RecipeError, load_recipe, rounds
+    from esr_train.provenance import provenance
+    from esr_train.preflight import check_out_path
+    from esr_train.settings import validate_recipe
 
     recipe = load_recipe(recipe_path)
     names = stage_names(recipe)
     stages = names if stages is None else stages
     unknown = [s for s in stages if s not in names]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(names)}")
+        raise RecipeError(f"--stages: unknown stage(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+    check_out_path(run_dir)
+    for k in (1, *rounds(recipe)):
+        validate_recipe(staged_recipe(recipe, overrides or {}, k), f"{recipe_path}" + (f": round{k}" if k > 1 else ""))
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     timings = read_json(run / "pipeline.json", default={}) or {}
@@ -281,7 +297,7 @@ def run_pipeline(recipe_path: str, run_dir: str | Path, *, stages: tuple[str, ..
         log.info("%s finished in %.1fs", stage, took)
         if stage == "report":
             timings["report"] = result
-        atomic_write_json(run / "pipeline.json", {**timings, "recipe": str(recipe_path)})
+        atomic_write_json(run / "pipeline.json", {**timings, "recipe": str(recipe_path), "provenance": provenance()})
     summary = read_json(run / "eval" / "summary.json")
     return {**timings, "summary": summary}
 

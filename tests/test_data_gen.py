@@ -172,8 +172,8 @@ def test_parts_with_restart_language_are_rejected():
 
 def test_cli_generate_template_and_unknown_recipe_key(tmp_path):
     src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    out = subprocess.run([sys.executable, "-m", "esr_train.cli", "generate", "--backend", "template",
-                          "--template_file", str(src), "--out", str(tmp_path / "ds")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "esr_train.cli", "generate", "--data.backend", "template",
+                          "--data.template_file", str(src), "--out", str(tmp_path / "ds")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "self_correction" in out.stdout and (tmp_path / "ds" / "dataset_dict.json").exists()
     recipe = tmp_path / "r.yaml"

@@ -148,7 +148,7 @@ def _launch(config: str, recipe: dict, tmp_path: Path, dataset: Path) -> tuple[P
     out = tmp_path / "adapter"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}",
            "--num_processes", "1", "-m", "esr_train.cli", "train", str(recipe_file), "--dataset", str(dataset),
-           "--output_dir", str(out)]
+           "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,7 +4,8 @@
   decoding, caches, text and restart utilities, banks, the row schema, negatives);
 * stages: ``data_gen``, ``esr_train.training`` and ``eval``; each imports the core and
   itself, never another stage;
-* top: ``esr_train.cli`` and ``esr_train.pipeline``, which may import anything.
+* top: ``esr_train.cli``, ``esr_train.pipeline`` and ``esr_train.settings`` (recipe to
+  settings), which may import anything.
 
 Every ``import`` statement counts, including those inside functions.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("esr_train", "data_gen", "eval")
-TOP = ("esr_train.cli", "esr_train.pipeline")
+TOP = ("esr_train.cli", "esr_train.pipeline", "esr_train.settings")
 STAGES = ("data_gen", "esr_train.training", "eval")
 
 

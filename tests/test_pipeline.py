@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from esr_train.config import RecipeError
 from esr_train.pipeline import STAGES, final_adapter, round_data, run_pipeline
 from tests.conftest import tiny_llama
 from tests.test_data_gen import write_jsonl
@@ -76,7 +77,7 @@ def pipeline(tmp_path_factory):
     """(recipe path, run dir, first result, pipeline.json after the first run), with a
     private esr cache (calibration) and one intra-op thread for the whole module: a 64-wide
     model gains nothing from threads, and where another process holds a core, OpenMP's
-    spinning barriers make each of its tiny matmuls about 1000x slower (minutes, not seconds)."""
+    spinning barriers make each of its tiny matmuls orders of magnitude slower (minutes, not seconds)."""
     root = tmp_path_factory.mktemp("pipeline")
     recipe = {"model": {"name": str(tiny_model_dir(root / "tiny-llama")), "dtype": "float32"},
               "data": {"backend": "template", "template_file": str(write_jsonl(root / "rows.jsonl", ROWS))},
@@ -143,9 +144,17 @@ def test_second_run_reuses_every_stage(pipeline) -> None:
 
 def test_unknown_stage_is_named(pipeline, tmp_path) -> None:
     path = pipeline[0]
-    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['bogus'\].*valid: generate, train, generate2, train2, eval, report"):
+    with pytest.raises(RecipeError, match=r"--stages: unknown stage\(s\) bogus; valid: generate, train, generate2, "
+                                          r"train2, eval, report"):
         run_pipeline(str(path), tmp_path / "run", stages=("generate", "bogus"))
-    assert not (tmp_path / "run" / "pipeline.json").exists() and not (tmp_path / "run" / "data").exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_override_is_refused_before_the_run_folder_exists(pipeline, tmp_path) -> None:
+    path = pipeline[0]
+    with pytest.raises(RecipeError, match=r"train.learning_rate: expected a number, got 'fast'"):
+        run_pipeline(str(path), tmp_path / "run", overrides={"train": {"learning_rate": "fast"}})
+    assert not (tmp_path / "run").exists()
 
 
 def test_later_rounds_train_the_final_adapter_on_every_round(pipeline, tmp_path) -> None:
@@ -236,7 +245,8 @@ def test_peak_rss_is_the_pipeline_process_own_not_its_parent_s():
 
 def test_between_stages_freed_heap_goes_back_and_the_peak_restarts():
     """Between stages freed memory goes back and the high-water mark restarts, so a stage's
-    ``stage_peak_rss_mib`` is not the peak of a stage before it (R49's eval read train3's)."""
+    ``stage_peak_rss_mib`` is not the peak of a stage before it (the eval stage must not
+    report the training stage's peak)."""
     from esr_train.pipeline import peak_rss_mib, release_freed_memory, restart_peak_rss
 
     if not restart_peak_rss():

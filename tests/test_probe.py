@@ -118,8 +118,8 @@ def test_esr_probe_on_the_real_model_writes_a_trainable_dataset(tmp_path):
     from esr_train.negatives import with_false_restarts
 
     src, _ = _dataset(tmp_path)
-    assert main(["probe", "--dataset", str(src), "--out", str(tmp_path / "out"), "--distraction_tokens", "48",
-                 "--batch_size", "4", "--dtype", "float32", "--openers", "every"]) == 0
+    assert main(["probe", "--dataset", str(src), "--out", str(tmp_path / "out"), "--data.distraction_tokens", "48",
+                 "--data.batch_size", "4", "--data.dtype", "float32", "--openers", "every"]) == 0
     p = json.loads((tmp_path / "out" / "summary.json").read_text())["probe"]
     assert p["samples"] == 2 and p["writer"] == "smollm2-135m"
     rows = negatives.read_mined(tmp_path / "out")

@@ -180,7 +180,8 @@ def test_sweep_draws_equal_sized_mixes(dataset, tmp_path):
     assert picked == mix_indices(kinds, 0.25, 8, seed=0)
     with pytest.raises(SweepError):
         common_size(0, 5, [0.5])
-    result = sweep(RECIPE, dataset, tmp_path / "sweep", [0.0, 0.5], overrides={"max_steps": 1, "save_steps": 10})
+    recipe = {**RECIPE, "train": {**RECIPE.get("train", {}), "max_steps": 1, "save_steps": 10}}
+    result = sweep(recipe, dataset, tmp_path / "sweep", [0.0, 0.5])
     one_step = json.loads((Path(result["adapters"]["0"]) / "esr_train_summary.json").read_text())
     assert one_step["steps"] == 1 and one_step["steady_tokens_per_s"] is None  # no step after the first
     assert result["rows_per_mix"] == 2 and set(result["adapters"]) == {"0", "0.5"}
@@ -218,8 +219,8 @@ def test_steered_training_pushes_self_correction_rows_through_backward(dataset, 
 
 
 def test_activation_checkpointing_is_off_by_default_and_changes_no_number(dataset, tmp_path):
-    """TRL's SFTConfig checkpoints activations by default; esr train turns it off (a third of
-    the step on a CPU, docs/performance.md P24). Recomputing the pushed blocks gives the same
+    """TRL's SFTConfig checkpoints activations by default; esr train turns it off (it slows
+    each step on a CPU; see docs/performance.md). Recomputing the pushed blocks gives the same
     adapter bit for bit, so the switch is speed only."""
     from safetensors.torch import load_file
 

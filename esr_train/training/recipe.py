@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from esr_train.config import RecipeError
+from esr_train.config import RecipeError, checked_values
 
 QUANTIZATION = (None, "4bit", "8bit")
 
@@ -126,8 +126,8 @@ SFT_DEFAULTS: dict[str, Any] = {
     "save_total_limit": 2,
     "seed": 0,
     # TRL's SFTConfig turns activation checkpointing on by default; a small model on a CPU has
-    # memory to spare, and recomputing every block's forward in the backward cost 1.27x (bf16)
-    # and 1.39x (fp32) of a LoRA step for the same adapter bit for bit (docs/performance.md P24).
+    # memory to spare, and recomputing every block's forward in the backward makes each LoRA
+    # step slower for the same adapter bit for bit (measured in docs/performance.md).
     # The GPU recipes turn it back on.
     "activation_checkpointing": False,
     "activation_checkpointing_kwargs": {"use_reentrant": False},
@@ -164,7 +164,19 @@ def split_train_section(values: dict[str, Any], where: str) -> tuple[dict, dict,
                 f"{where}: unknown key {key!r}; valid: esr keys {', '.join(sorted(extra_keys))}; "
                 f"peft.LoraConfig keys (r, lora_alpha, lora_dropout, target_modules, ...); trl.SFTConfig keys "
                 f"(learning_rate, num_train_epochs, max_steps, max_length, ...): see `esr train --list-keys`")
-    return sft, lora, extras
+    given_sft = checked_values(SFTConfig, {k: v for k, v in sft.items() if k in values}, where)
+    given_lora = checked_values(LoraConfig, {k: v for k, v in lora.items() if k in values}, where)
+    return {**sft, **given_sft}, {**lora, **given_lora}, extras
+
+
+def resolve_sections(recipe: dict[str, dict], where: str = "recipe"):
+    """(model section, sft kwargs, lora kwargs, extras) of the recipe's ``model`` and
+    ``train`` sections, each key checked and routed to the class that owns it."""
+    from esr_train.config import build
+
+    section = build(ModelSection, dict(recipe.get("model") or {}), f"{where}: model")
+    sft, lora, extras = split_train_section(dict(recipe.get("train") or {}), f"{where}: train")
+    return section, sft, lora, build(TrainExtras, extras, f"{where}: train")
 
 
 def all_train_keys() -> dict[str, list[str]]:

@@ -50,7 +50,7 @@ def mix_indices(kinds: Sequence[str], mix: float, size: int, seed: int) -> list[
 
 
 def sweep(recipe: dict, dataset_dir: str | Path, output_dir: str | Path, mixes: Sequence[float],
-          overrides: dict | None = None, seed: int = 0, where: str = "recipe") -> dict:
+          seed: int = 0, where: str = "recipe") -> dict:
     """Train one adapter per mix under ``output_dir/mix-<m>/``; returns the sweep summary."""
     from datasets import DatasetDict, load_from_disk
 
@@ -73,7 +73,7 @@ def sweep(recipe: dict, dataset_dir: str | Path, output_dir: str | Path, mixes: 
         if summary_path.exists():
             runs[f"{m:g}"] = read_json(summary_path)
             continue
-        runs[f"{m:g}"] = train(recipe, run / "adapter", overrides=overrides, dataset_dir=data_dir, resume=resume,
+        runs[f"{m:g}"] = train(recipe, run / "adapter", dataset_dir=data_dir, resume=resume,
                                where=where)
     result = {"dataset": str(dataset_dir), "rows_per_mix": size, "mixes": list(mixes),
               "adapters": {m: str(out / f"mix-{m}" / "adapter") for m in runs},

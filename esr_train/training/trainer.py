@@ -20,11 +20,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 from esr_train.cache import atomic_write_json, atomic_write_text, read_json
-from esr_train.config import RecipeError, build
-from esr_train.training.recipe import ModelSection, TrainExtras, split_train_section
+from esr_train.config import RecipeError
+from esr_train.rows import TRAIN_COLUMNS
+from esr_train.training.recipe import ModelSection, TrainExtras, resolve_sections
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,13 @@ def load_training_data(paths: list[Path]):
     from datasets import DatasetDict, concatenate_datasets, load_from_disk
 
     parts = [load_from_disk(str(p)) for p in paths]
+    for path, part in zip(paths, parts):
+        for split, data in part.items():
+            missing = [c for c in TRAIN_COLUMNS if c not in data.column_names]
+            if missing:
+                raise TrainError(f"{path}: split {split!r} has columns {', '.join(data.column_names)} but lacks "
+                                 f"{', '.join(missing)}; esr train reads the transcript parts esr generate writes "
+                                 "(a plain 'messages' dataset has no drift or restart to mask)")
     if len(parts) == 1:
         return parts[0], dataset_fingerprint(paths[0], parts[0])
     splits = dict.fromkeys(split for ds in parts for split in ds)
@@ -119,37 +126,28 @@ def load_training_data(paths: list[Path]):
                 "rows": {k: len(v) for k, v in ds.items()}}
 
 
-def resolve_sections(recipe: dict[str, dict], overrides: dict[str, Any], where: str):
-    """Model section, (sft, lora, extras) kwargs, with overrides routed to their owner."""
-    model_values = dict(recipe.get("model", {}))
-    train_values = dict(recipe.get("train", {}))
-    model_keys = {f for f in ModelSection.__dataclass_fields__}
-    for key, value in overrides.items():
-        (model_values if key in model_keys else train_values)[key] = value
-    section = build(ModelSection, model_values, f"{where}: model")
-    sft, lora, extras = split_train_section(train_values, f"{where}: train")
-    return section, sft, lora, build(TrainExtras, extras, f"{where}: train")
-
-
-def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, Any] | None = None,
-          dataset_dir: str | Path | None = None, resume: bool = False, where: str = "recipe") -> dict:
-    """Train one adapter; returns the training summary."""
+def train(recipe: dict[str, dict], output_dir: str | Path, dataset_dir: str | Path | None = None,
+          resume: bool = False, where: str = "recipe") -> dict:
+    """Train one adapter with the recipe's ``model`` and ``train`` sections on
+    ``dataset_dir`` (default: ``train.dataset``; several joined by commas); returns the
+    training summary, also written to ``esr_train_summary.json`` beside the adapter."""
     import torch
     from peft import LoraConfig
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     from esr_train.dtype import resolve_dtype
-    from esr_train.elementwise import compiled_elementwise
-    from esr_train.training.adapter_casts import adapter_input_casts_off
-    from esr_train.training.labelled_head import labelled_positions_only
-    from esr_train.training.logprob_tiles import compiled_logprob_tiles
+    from esr_train.provenance import provenance
+    from esr_train.speed.elementwise import compiled_elementwise
+    from esr_train.speed.adapter_casts import adapter_input_casts_off
+    from esr_train.speed.labelled_head import labelled_positions_only
+    from esr_train.speed.logprob_tiles import compiled_logprob_tiles
     from esr_train.training.tokenize import tokenize_dataset
     from esr_train.rows import UNLIKELY_COLUMN
     from esr_train.training.unlikelihood import trainer_class
     from esr_train.zoo import load_model, load_tokenizer
 
-    section, sft_kwargs, lora_kwargs, extras = resolve_sections(recipe, overrides or {}, where)
+    section, sft_kwargs, lora_kwargs, extras = resolve_sections(recipe, where)
     out = Path(output_dir)
     data_paths = dataset_paths(dataset_dir or extras.dataset)
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
@@ -269,6 +267,7 @@ def train(recipe: dict[str, dict], output_dir: str | Path, overrides: dict[str, 
                          "sentences": extras.false_restart_sentences, "cuts": extras.false_restart_cuts,
                          "unlikely_tokens": extras.unlikely_tokens, "floor": extras.unlikely_floor}
         if extras.unlikelihood_weight else None,
+        "provenance": provenance(dtype),
     }
     atomic_write_json(out / "esr_train_summary.json", summary)
     import yaml
