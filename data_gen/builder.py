@@ -269,8 +269,8 @@ def _probe_restarts(cfg: GenerateConfig, backend_impl, prompts: list[str], stage
 
 FIRST_PASS_SHARE = 0.8
 """The share of a self backend's self-correction jobs expected to pass the filters before
-any has been seen: the first wave runs ``need / FIRST_PASS_SHARE`` jobs. Measured on
-SmolLM2-135M (P17's 300-row run): 150 of 178 examined jobs passed (0.84)."""
+any has been seen: the first wave runs ``need / FIRST_PASS_SHARE`` jobs. Set a little below
+the share measured on SmolLM2-135M (see docs/performance.md)."""
 
 TOP_UP_MARGIN = 2.0
 """A top-up wave runs this many times the jobs its measured pass share says it needs:
@@ -425,6 +425,10 @@ def _write(cfg: GenerateConfig, out: Path, rows: dict[str, list[Transcript]], re
     summary = summarize(cfg, splits, rejected, duplicates, elapsed, stage_s)
     if mined is not None:
         summary["restart_probes"] = {k: len(v) if k == "rows" else v for k, v in mined.items()}
+    from esr_train.dtype import resolve_dtype
+    from esr_train.provenance import provenance
+
+    summary["provenance"] = provenance(resolve_dtype(cfg.dtype) if cfg.backend == "self" else None)
     atomic_write_json(out / "summary.json", summary)
     return summary
 

@@ -48,10 +48,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from esr_train import token_choice
-from esr_train.decode_attention import decode_attention
-from esr_train.elementwise import compiled_elementwise
-from esr_train.packed_linear import packed_linears
+from esr_train.speed import token_choice
+from esr_train.speed.decode_attention import decode_attention
+from esr_train.speed.elementwise import compiled_elementwise
+from esr_train.speed.packed_linear import packed_linears
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class RepetitionPenalty(RepetitionPenaltyLogitsProcessor):
     transformers points ignored positions at an extra vocabulary column, so it pads the
     whole [rows, vocab] score matrix by one column every step (``F.pad``): 16.3 ms a
     batch-128 SmolLM2 step on a 2-core AVX2 CPU in fp32, against 5.6 ms here, about 1.5% of
-    the step (docs/performance.md P17). Here an ignored position is pointed at the row's last token instead, which is
+    the step (measured in docs/performance.md). Here an ignored position is pointed at the row's last token instead, which is
     penalised anyway, so the set of penalised tokens and the scores are the same (tested
     against transformers' processor)."""
 
@@ -147,7 +147,7 @@ class _Model:
         # The last position as an index tensor, not ``logits_to_keep=1``: the int form slices a
         # strided [rows, 1, hidden] view, which torch.matmul cannot fold into one mm when the head's
         # weight needs no grad (a loaded PEFT adapter freezes it); it then broadcasts the whole
-        # head to every row, 6.9 GB for 128 SmolLM2 rows (docs/performance.md P11). Indexing copies.
+        # head to every row (gigabytes at an eval batch of SmolLM2; see docs/performance.md). Indexing copies.
         extra = {"logits_to_keep": torch.tensor([ids.shape[1] - 1], device=ids.device)} if self.keep_one else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          **{self.cache_kw: cache}, **extra)
@@ -317,14 +317,24 @@ def _torch_choice(ids: torch.Tensor, pad: torch.Tensor, logits: torch.Tensor, sa
     return scores.argmax(dim=-1)
 
 
-def _choose(rows: _Rows, sampling: Sampling, generator) -> torch.Tensor:
+def _row_uniforms(rows: _Rows, row_generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """One uniform number per row [B, 1], each from the generator of the prompt the row
+    holds: a row's draws depend on its own seed, never on its place in the batch."""
+    draws = [token_choice.uniforms(1, row_generators[int(o)], "cpu") for o in rows.owner.tolist()]
+    return torch.cat(draws).to(rows.logits.device)
+
+
+def _choose(rows: _Rows, sampling: Sampling, generator, row_generators=None) -> torch.Tensor:
     """The next token of every row: the compiled choice where it applies
-    (``esr_train.token_choice``), transformers' processors otherwise and for any row it
-    leaves to them."""
+    (``esr_train.speed.token_choice``), transformers' processors otherwise and for any row it
+    leaves to them. With ``row_generators`` (prompt index -> generator) each row draws from
+    its own; otherwise all rows draw in order from ``generator``."""
     kernel = token_choice.load_kernel() if token_choice.takes(sampling, rows.logits) else None
+    own = _row_uniforms(rows, row_generators) if sampling.do_sample and row_generators is not None else None
     if kernel is None:
-        return _torch_choice(rows.ids, rows.pad, rows.logits, sampling, generator)
-    rand = token_choice.uniforms(len(rows), generator, rows.logits.device) if sampling.do_sample else None
+        return _torch_choice(rows.ids, rows.pad, rows.logits, sampling, generator, own)
+    rand = own if own is not None else (
+        token_choice.uniforms(len(rows), generator, rows.logits.device) if sampling.do_sample else None)
     tokens = token_choice.compiled_choice(kernel, rows.ids, rows.pad, rows.logits, sampling, rand)
     left = (tokens < 0).nonzero().flatten()
     if len(left):  # NaN or +inf scores: torch's ops decide, from the same uniform numbers
@@ -359,6 +369,7 @@ def stream_decode(
     steering=None,
     refill: bool = True,
     observer=None,
+    row_seeds: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, list[int]]]:
     """Decode token-id ``prompts`` (no padding) at most ``batch_size`` at a time; yields
     ``(prompt index, new token ids)`` as each row finishes (EOS included when emitted).
@@ -371,6 +382,11 @@ def stream_decode(
     decode step's token is its index among the generated ones, negative in a prompt pass),
     so a hook reading layer outputs knows whose token each row holds.
 
+    ``row_seeds`` (one per prompt) gives every prompt its own random generator for
+    sampling, so its tokens depend on its seed and not on which rows share its batch or
+    when it joins (for a given batch composition of the model's arithmetic); without it
+    all rows draw from ``generator`` in batch order.
+
     While the iterator runs, a CPU model decodes with the attention kernel
     (``decode_attention``), its linears packed for oneDNN (``packed_linears``) and its RMSNorms and
     rotary embeddings compiled (``compiled_elementwise``); all are undone when it ends or is closed."""
@@ -378,6 +394,8 @@ def stream_decode(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("stream_decode: every prompt needs at least one token")
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"row_seeds has {len(row_seeds)} entries for {len(prompts)} prompts")
     if max_new_tokens < 1:
         yield from ((i, []) for i in range(len(prompts)))
         return
@@ -385,7 +403,8 @@ def stream_decode(
     m = _Model(model, steering, observer)
     try:
         with decode_attention(model), packed_linears(model, batch_size), compiled_elementwise(model):
-            yield from _loop(m, prompts, max_new_tokens, sampling, batch_size, eos_ids, pad_id, generator, refill)
+            yield from _loop(m, prompts, max_new_tokens, sampling, batch_size, eos_ids, pad_id, generator, refill,
+                             row_seeds)
     finally:
         for tracker in m.trackers:  # later passes in the same steer_rows block see the plain table again
             tracker.update(None, None)
@@ -398,7 +417,7 @@ a decode step, while a finished row costs 1/batch of one."""
 
 
 def _loop(m: _Model, prompts, max_new_tokens: int, sampling: Sampling, batch_size: int, eos_ids: list[int],
-          pad_id: int, generator, refill: bool) -> Iterator[tuple[int, list[int]]]:
+          pad_id: int, generator, refill: bool, row_seeds=None) -> Iterator[tuple[int, list[int]]]:
     """The loop of ``stream_decode``: admit prompts into free slots, pick a token per row,
     hand back finished rows, drop them once enough have finished (``DROP_SHARE``), feed
     the rest."""
@@ -406,10 +425,13 @@ def _loop(m: _Model, prompts, max_new_tokens: int, sampling: Sampling, batch_siz
     waiting = 0
     rows: _Rows | None = None
     resizable = True
+    row_generators: dict[int, torch.Generator] | None = {} if row_seeds is not None else None
     while rows is not None or waiting < len(prompts):
         free = batch_size - (len(rows) if rows is not None else 0)
         if waiting < len(prompts) and free > 0 and (rows is None or (refill and resizable)):
             take = range(waiting, min(waiting + free, len(prompts)))
+            if row_generators is not None:
+                row_generators.update((i, torch.Generator().manual_seed(int(row_seeds[i]))) for i in take)
             new = _prefill(m, [prompts[i] for i in take], take, pad_id)
             resizable = resizable and _can_resize(new.cache)
             rows = new if rows is None else _join(rows, new, pad_id)  # free slots: no row is dead here
@@ -417,7 +439,7 @@ def _loop(m: _Model, prompts, max_new_tokens: int, sampling: Sampling, batch_siz
             if resizable:
                 _trim(rows)
             dead = torch.zeros(len(rows), dtype=torch.bool, device=m.device)
-        tokens = _choose(rows, sampling, generator)
+        tokens = _choose(rows, sampling, generator, row_generators)
         rows.steps = rows.steps + 1
         done = (torch.isin(tokens, eos) | (rows.steps >= max_new_tokens)) & ~dead
         if bool(done.any()):

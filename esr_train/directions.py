@@ -127,13 +127,23 @@ def load_vector_file(path: str | Path, layer: int, label: str | None = None, key
             saved = None
         if saved is not None:
             return _checked_layer(saved, layer, path)
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise DirectionError(f"{path}: not a readable .safetensors file ({type(exc).__name__})") from None
     elif suffix in (".pt", ".pth"):
-        tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch's own message advises unsafe loading; say what is wrong instead
+            raise DirectionError(f"{path}: not a readable tensor file ({type(exc).__name__}); save the vector "
+                                 "with torch.save(tensor, path) or as .safetensors") from None
     elif suffix == ".npy":
         import numpy as np
 
-        tensors = torch.from_numpy(np.load(str(path)))
+        try:
+            tensors = torch.from_numpy(np.load(str(path)))
+        except Exception as exc:
+            raise DirectionError(f"{path}: not a readable .npy array ({type(exc).__name__})") from None
     else:
         raise DirectionError(f"{path}: unsupported vector file type {suffix!r}; use .safetensors, .pt or .npy")
     if isinstance(tensors, dict):

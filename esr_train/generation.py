@@ -55,11 +55,14 @@ def generate(
     schedule: str = "all",
     engine: str = "decode",
     refill: bool = True,
+    seeds: "Sequence[int] | None" = None,
 ) -> list[str]:
     """Answer each prompt; returns the decoded new text in the input order.
 
     ``rendered=True`` takes prompts that are already chat-formatted (or raw text for a
-    base-model continuation). ``seed`` makes sampling repeatable for a given batching.
+    base-model continuation). ``seed`` makes sampling repeatable for a given batching;
+    ``seeds`` (decode engine only) gives each prompt its own sampling seed instead, so an
+    answer's draws depend on its seed alone, not on its batch or position.
     ``row_steering`` gives each prompt its own direction (or None), applied with
     ``strength`` (one value or one per prompt) and ``schedule``; batches stay mixed.
     ``engine``: ``"decode"`` (finished rows leave, waiting prompts refill the batch) or
@@ -73,13 +76,15 @@ def generate(
 
     if engine not in ("decode", "hf"):
         raise ValueError(f"unknown generate engine {engine!r}; valid: decode, hf")
+    if seeds is not None and engine != "decode":
+        raise ValueError("per-prompt seeds need the decode engine")
     if engine == "decode":
         outputs = [""] * len(prompts)
         for i, text in iter_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                                      batch_size=batch_size, seed=seed, system=system, rendered=rendered,
                                      progress=progress, row_steering=row_steering, strength=strength,
-                                     schedule=schedule, refill=refill):
+                                     schedule=schedule, refill=refill, seeds=seeds):
             outputs[i] = text
         return outputs
     texts, strengths = _chat_texts(tokenizer, prompts, system, rendered, row_steering, strength)
@@ -143,6 +148,7 @@ def iter_generate(
     strength: "float | Sequence[float]" = 0.0,
     schedule: str = "all",
     refill: bool = True,
+    seeds: "Sequence[int] | None" = None,
 ) -> Iterator[tuple[int, str]]:
     """``generate`` on the decode loop, one answer at a time: yields ``(index into
     prompts, text)`` as each row finishes, so a caller can store every answer the moment
@@ -176,7 +182,8 @@ def iter_generate(
     with ctx as selection, tqdm(total=len(texts), desc=_label(progress), disable=not progress, unit="prompt") as bar:
         rows = stream_decode(model, [ids[i] for i in order], max_new_tokens=max_new_tokens, sampling=sampling,
                              batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, generator=generator,
-                             steering=selection, refill=refill)
+                             steering=selection, refill=refill,
+                             row_seeds=None if seeds is None or not do_sample else [seeds[i] for i in order])
         while True:
             with torch.inference_mode():
                 finished = next(rows, None)

@@ -16,6 +16,8 @@ import re
 from dataclasses import asdict, dataclass, field
 
 KINDS = ("self_correction", "normal")
+TRAIN_COLUMNS = ("prompt", "kind", "distraction", "restart", "answer")
+"""The columns ``esr train`` reads from every split of a dataset."""
 COLUMNS = ("id", "prompt", "distraction", "restart", "answer", "subject", "kind", "backend", "model", "seed", "messages")
 UNLIKELY_COLUMN = "unlikely"
 """Tokenized column: the token id at positions trained by unlikelihood, -100 elsewhere."""

@@ -26,14 +26,6 @@ from esr_train.zoo import adapters_off
 
 log = logging.getLogger(__name__)
 
-# Settings that change what a trial is: a run directory holding trials made with other
-# values cannot be resumed with these (the mix would be meaningless).
-_TRIAL_FIELDS = ("model", "dtype", "adapters", "metaprompt_templates", "prompts", "directions", "concepts", "sae", "sae_id",
-                 "latents", "vectors", "layer", "schedule", "strength", "strengths", "sweep_factors", "target_score",
-                 "calibration", "calibrate_on", "max_new_tokens", "temperature", "repetition_penalty", "seed", "judge",
-                 "judge_model")
-# what a run directory written before a setting existed holds for it
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not dataclasses.MISSING}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +33,16 @@ class Triple:
     prompt_id: int
     direction_id: int
     seed: int
+
+
+def trial_seed(record: dict[str, Any]) -> int:
+    """The sampling seed of one trial, keyed by the trial itself: its user prompt, direction,
+    strength and sample seed. Not its condition, so conditions that share a trial share its
+    draws, and not its position in a batch, so a resumed run draws what the first would have."""
+    import hashlib
+
+    key = "\x1f".join(str(record[k]) for k in ("prompt", "direction", "strength", "seed"))
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") >> 1
 
 
 def plan_triples(n_prompts: int, n_directions: int, n: int, seed: int) -> list[Triple]:
@@ -98,37 +100,34 @@ class EvalRun:
     """State of one evaluation: model, prompts, directions, judge and the trial file."""
 
     def __init__(self, cfg: EvalConfig, out_dir: str | Path, model_and_tokenizer=None, progress: bool = True) -> None:
-        from esr_train.cache import atomic_write_json, read_json
+        from esr_train.cache import atomic_write_json
         from esr_train.records import RecordFile
         from esr_train.zoo import load_model
+        from eval.preflight import check_eval_inputs
 
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
-        self.out.mkdir(parents=True, exist_ok=True)
-        settings = dataclasses.asdict(cfg)
-        previous = read_json(self.out / "eval_config.json")
-        if previous:
-            changed = [k for k in _TRIAL_FIELDS if previous.get(k, _DEFAULTS.get(k)) != settings.get(k)]
-            if changed:
-                raise EvalConfigError(f"{self.out}: holds a run made with other settings ({', '.join(changed)}); "
-                                      f"use a new --out or delete it")
-        atomic_write_json(self.out / "eval_config.json", settings)
+        # every input is checked before the model loads; the folder is made only once the run can start
+        check_eval_inputs(cfg, self.out, model_and_tokenizer[0] if model_and_tokenizer else None)
         self.adapters = cfg.adapter_names()
         self.conditions = [parse_condition(c, self.adapters, cfg.all_metaprompts()) for c in cfg.resolved_conditions()]
         base, self.tok = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype)
         self.model = _attach_adapters(base, self.adapters) if self.adapters else base
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out / "eval_config.json", dataclasses.asdict(cfg))
         self.trials = RecordFile(self.out / "trials.jsonl")
 
     # -- generation and judging -------------------------------------------------
-    def generate(self, adapter: str | None, rows: list[dict], seed: int) -> list[str]:
+    def generate(self, adapter: str | None, rows: list[dict], seeds: list[int]) -> list[str]:
         """Responses for rows {"prompt" (as the model sees it), "direction" (or None),
-        "strength"}, with ``adapter`` active (None: the base weights)."""
+        "strength"}, with ``adapter`` active (None: the base weights), each sampled from its
+        own seed in ``seeds``."""
         from esr_train.generation import generate
 
         cfg = self.cfg
         with as_condition(self.model, adapter):
             return generate(self.model, self.tok, [r["prompt"] for r in rows],
                             max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
-                            repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size, seed=seed,
+                            repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size, seeds=seeds,
                             row_steering=[r["direction"] for r in rows], strength=[r["strength"] for r in rows],
                             schedule=cfg.schedule)
 
@@ -179,7 +178,8 @@ class EvalRun:
 
         def probe(rows):
             batch = [{"prompt": p, "label": d.label, "direction": d, "strength": s} for d, s, p in rows]
-            results = self.judge(batch, self.generate(on, batch, cfg.seed))
+            seeds = [trial_seed({"prompt": p, "direction": d.label, "strength": s, "seed": cfg.seed}) for d, s, p in rows]
+            results = self.judge(batch, self.generate(on, batch, seeds))
             return [r.attempts[0]["score"] if r.attempts and r.error is None else None for r in results]
 
         settings = {"model": cfg.model, "layer": self.layer, "judge": self.judge_.name, "schedule": cfg.schedule,
@@ -229,17 +229,22 @@ class EvalRun:
         bar = tqdm(total=len(todo), desc="trials", unit="trial", disable=not self.progress or not todo)
         chunk_size = cfg.batch_size * 4
         groups: dict[str | None, list[dict]] = {}  # one model state per group: conditions share batches
-        for r in todo:
+        for r in plan:  # chunks are cut from the whole plan, so a resumed run batches as the first did
             groups.setdefault(by_name[r["condition"]].adapter, []).append(r)
         for adapter, rows in groups.items():
             for start in range(0, len(rows), chunk_size):
                 chunk = rows[start:start + chunk_size]
+                if all(r["key"] in self.trials for r in chunk):
+                    continue
                 batch = [{"prompt": by_name[r["condition"]].wrap(r["prompt"], r["direction"]), "label": r["direction"],
                           "direction": by_label[r["direction"]] if r["steered"] else None,
                           "strength": r["strength"]} for r in chunk]
                 t0 = time.perf_counter()
-                responses = self.generate(adapter, batch, cfg.seed + start // chunk_size + 7919 * chunk[0]["seed"])
+                responses = self.generate(adapter, batch, [trial_seed(r) for r in chunk])
                 took = time.perf_counter() - t0
+                # a chunk a killed run left half stored is made again whole; only its missing trials are kept
+                keep = [i for i, r in enumerate(chunk) if r["key"] not in self.trials]
+                chunk, batch, responses = [chunk[i] for i in keep], [batch[i] for i in keep], [responses[i] for i in keep]
                 # The judge sees the user's own prompt, and no concept for an unsteered control
                 # (nothing was pushed, so nothing is to be resisted; see the judges' "" handling).
                 judged = self.judge([{**b, "prompt": r["prompt"], "label": r["direction"] if r["steered"] else ""}
@@ -267,6 +272,7 @@ class EvalRun:
 def run_eval(cfg: EvalConfig, out_dir: str | Path, *, model_and_tokenizer=None, progress: bool = True) -> dict:
     """The whole evaluation; returns the summary also written to ``OUT/summary.json``."""
     from esr_train.cache import atomic_write_json, read_json
+    from esr_train.provenance import provenance
     from eval.summary import build_summary
 
     t0 = time.perf_counter()
@@ -290,6 +296,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, model_and_tokenizer=None, 
               "strength_unit": "multiples of the layer's median residual norm",
               "wall_s": round(time.perf_counter() - t0, 1)}
     summary = build_summary(trials, names, config=config, calibration=calibration, capability=capability)
+    summary["provenance"] = provenance(run.model.dtype)
     for name, entry in capability.items():  # the unsteered control's mean first-attempt score
         entry["unsteered_mean_score"] = summary["conditions"][name]["unsteered"]["mean_first_score"]
     atomic_write_json(run.out / "summary.json", summary)

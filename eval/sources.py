@@ -46,15 +46,21 @@ def eval_prompts(cfg: EvalConfig) -> list[str]:
     return [r["prompt"] for r in _spread(rows, cfg.n_prompts, cfg.seed, "domain")]
 
 
-def _concept_directions(cfg: EvalConfig, model, tok, layer: int, work: Path) -> list:
+def eval_subjects(cfg: EvalConfig) -> list[str]:
+    """The concepts to steer toward: the bundled held-out subjects (or the user's file),
+    ``cfg.n_directions`` of them spread over their categories."""
     from esr_train.banks import load_subjects
-    from esr_train.concepts import saved_concept_directions
 
     rows = load_subjects("test", cfg.concepts)
     if not rows:
         raise EvalConfigError(f"eval.concepts: no subjects in {cfg.concepts or 'the bundled test split'}")
-    labels = [r["subject"] for r in _spread(rows, cfg.n_directions, cfg.seed, "category")]
-    return saved_concept_directions(model, tok, labels, layer, work, batch_size=cfg.batch_size)
+    return [r["subject"] for r in _spread(rows, cfg.n_directions, cfg.seed, "category")]
+
+
+def _concept_directions(cfg: EvalConfig, model, tok, layer: int, work: Path) -> list:
+    from esr_train.concepts import saved_concept_directions
+
+    return saved_concept_directions(model, tok, eval_subjects(cfg), layer, work, batch_size=cfg.batch_size)
 
 
 def _sae_directions(cfg: EvalConfig, model, tok, prompts: list[str]) -> list:

@@ -138,6 +138,32 @@ def test_sampling_with_a_seed_is_repeatable(tiny_model):
     assert first != decode(tiny_model, PROMPTS, max_new_tokens=N, batch_size=2, eos_token_id=[3])
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "torch"])
+def test_row_seeds_make_each_answer_independent_of_its_batch(tiny_model, kernel, monkeypatch):
+    """With one seed per prompt, a prompt's sampled answer is the same whichever prompts
+    share its batch, in whatever order and batch size it runs (the resume guarantee of
+    ``esr eval``), on the compiled token choice and on transformers' processors."""
+    if kernel == "torch":
+        monkeypatch.setenv("ESR_SPEED", "-token_choice")
+    from esr_train.speed import token_choice
+
+    token_choice.load_kernel.cache_clear()
+    try:
+        sampling = Sampling(do_sample=True, temperature=1.5, repetition_penalty=1.1)
+        seeds = [101 + i for i in range(len(PROMPTS))]
+        together = decode(tiny_model, PROMPTS, max_new_tokens=N, batch_size=4, eos_token_id=[3], sampling=sampling,
+                          row_seeds=seeds)
+        picked = [5, 0, 2]
+        alone = decode(tiny_model, [PROMPTS[i] for i in picked], max_new_tokens=N, batch_size=1, eos_token_id=[3],
+                       sampling=sampling, row_seeds=[seeds[i] for i in picked])
+        assert alone == [together[i] for i in picked]
+        other = decode(tiny_model, PROMPTS, max_new_tokens=N, batch_size=4, eos_token_id=[3], sampling=sampling,
+                       row_seeds=[s + 1 for s in seeds])
+        assert other != together  # the seeds, not the batch, decide the draws
+    finally:
+        token_choice.load_kernel.cache_clear()
+
+
 def _passes(model, **kw) -> list[tuple[int, int, int]]:
     """(batch rows, tokens fed, attention-mask width) of every forward pass of a decode."""
     seen = []
@@ -298,7 +324,7 @@ def test_finished_rows_wait_to_leave_until_they_are_a_share_of_the_batch(tiny_mo
 def test_head_runs_one_matmul_when_the_model_is_frozen(tiny_model):
     """A loaded adapter freezes the base; the prefill's last-position logits must still be one
     mm over the rows, never the head's weight broadcast to every row (a [rows, hidden, vocab]
-    copy: 6.9 GB for 128 SmolLM2 rows, docs/performance.md P11)."""
+    copy: gigabytes at an eval batch of SmolLM2 rows)."""
     from torch.profiler import ProfilerActivity, profile
 
     tiny_model.requires_grad_(False)

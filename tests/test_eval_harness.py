@@ -67,7 +67,10 @@ def test_run_writes_trials_and_summary(main_run, esr_cache) -> None:
 
     on_disk = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert on_disk == json.loads(json.dumps(summary))
-    assert set(on_disk) == {"conditions", "capability", "calibration", "config"}  # one level: no sweep section
+    assert set(on_disk) == {"conditions", "capability", "calibration", "config", "provenance"}  # no sweep section
+    made_by = on_disk["provenance"]
+    assert made_by["esr_train"] and made_by["libraries"]["torch"] and made_by["libraries"]["transformers"]
+    assert made_by["dtype"] == on_disk["config"]["dtype"].replace("torch.", "") and made_by["machine"]["device"] in ("cpu", "cuda")
     config = on_disk["config"]
     assert config["conditions"] == CONDITIONS and (config["n_prompts"], config["n_directions"]) == (3, 2)
     labels = config["directions_used"]
@@ -171,11 +174,42 @@ def test_resume_after_a_kill_regenerates_only_the_missing_trials(main_run, smoll
     assert set(keys[len(kept):]) == {json.loads(line)["key"] for line in lost}
     assert Counter(json.loads(line)["condition"] for line in after) == {c: PER_CONDITION for c in CONDITIONS}
     assert json.loads(after[0])["response"] == "KEPT, NOT REGENERATED"
+    # each redone trial is the trial the uninterrupted run wrote (its timing aside)
+    assert [untimed(line) for line in after[len(kept):]] == [untimed(line) for line in lost]
     assert (run / "references.jsonl").read_bytes() == references
     # the run's own strengths were reused, so the resumed keys match the originals
     assert summary["calibration"] == calibration
     assert sum(summary["conditions"][c][p]["n"] + summary["conditions"][c][p]["n_no_attempt"]
                for c in CONDITIONS for p in ("steered", "unsteered")) == len(lines)
+
+
+def untimed(line: str) -> dict:
+    record = json.loads(line)
+    record.pop("generate_s", None)
+    return record
+
+
+@pytest.mark.parametrize("cut", [1, 8, 13])
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_trials(main_run, smollm, tmp_path, cut) -> None:
+    """Killed after any trial (with a torn line after it), the resumed run writes the same
+    trials, byte for byte but for their timing, as the run that was never stopped."""
+    run = copy_run(main_run[0], tmp_path / "run")
+    path = run / "trials.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines[:cut]) + lines[cut][:40], encoding="utf-8")
+    run_eval(EvalConfig(**GRID), run, model_and_tokenizer=smollm, progress=False)
+    after = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert after[:cut] == lines[:cut]
+    assert [untimed(line) for line in after] == [untimed(line) for line in lines]
+
+
+def test_trials_sharing_a_key_share_their_draws() -> None:
+    from eval.harness import trial_seed
+
+    trial = {"prompt": "How do I boil an egg?", "direction": "the ocean", "strength": 0.5, "seed": 0}
+    assert trial_seed({**trial, "condition": "base"}) == trial_seed({**trial, "condition": "adapter"})
+    assert len({trial_seed({**trial, k: v}) for k, v in
+                [("prompt", "x"), ("direction", "y"), ("strength", 0.6), ("seed", 1)]} | {trial_seed(trial)}) == 5
 
 
 def test_run_dir_with_other_settings_is_refused(main_run, smollm, tmp_path) -> None:

@@ -98,10 +98,10 @@ def tokenize_row(
     ``answer_tokens=N`` trains only the restart and the answer's first N tokens (normal
     rows: the first N, or ``normal_tokens`` when given); the sequence ends there, since later
     tokens cannot change the loss of earlier ones. Adapters trained on whole answers resisted
-    the push instead of drifting and restarting (R3, R6 in docs/results.md). ``normal_skip=K``
+    the push instead of drifting and restarting (see docs/results.md). ``normal_skip=K``
     keeps a normal row's first K answer tokens in the context but out of the loss, to test
     whether reinforcing the opener that restates the question is what anchors the adapters'
-    steered answers (R15: no effect beyond the training seed's spread). ``unlikely_tokens=M``
+    steered answers (it made no difference beyond seed noise; see docs/results.md). ``unlikely_tokens=M``
     makes only a false restart's first M tokens unlikely and ends the row there: the first
     token is where the model decides to restart, while the later ones, given that start, are
     the very tokens the self-correction rows train as likely.
@@ -167,7 +167,7 @@ def _map_row(row: dict[str, Any], tokenizer, max_length: int, options: dict[str,
 
 def _fingerprint(ds: "datasets.Dataset", tokenizer, max_length: int, options: dict[str, Any]) -> str:
     """A cheap cache key for ``Dataset.map``: by default datasets dill-hashes the whole
-    tokenizer (about 10 s for Gemma's 262k vocabulary) on every call."""
+    tokenizer (slow for a large vocabulary such as Gemma's) on every call."""
     key = [getattr(ds, "_fingerprint", None), tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template,
            max_length, sorted(options.items()), _FORMAT]
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
@@ -203,10 +203,11 @@ def tokenize_dataset(
         features=features,
         new_fingerprint=_fingerprint(ds, tokenizer, max_length, options),
         num_proc=num_proc if num_proc > 1 else None,
+        keep_in_memory=True,  # never write cache files into the user's dataset folder
         desc="tokenize",
     )
     status = list(mapped["_status"])
-    kept = mapped.filter(lambda s: s == "ok", input_columns="_status")
+    kept = mapped.filter(lambda s: s == "ok", input_columns="_status", keep_in_memory=True)
     stats = {
         "rows_in": len(ds),
         "rows_kept": len(kept),
