@@ -44,7 +44,7 @@ def main(argv=None) -> list[dict]:
     # quick: batch 8 < 16 prompts, so refill still has freed slots to fill; tok/s is a rate, so
     # the naive baseline on 2 prompts is the same measure as on 4, only noisier
     rows += steer_bench.measure(["--n", "16", "--grid", "2", "--tokens", "48", "--batch-size", "8", "--naive", "2"] if args.quick
-                                else [])  # steer_bench's defaults: 392 trials at the SmolLM2 recipe's eval batch of 256 (P26)
+                                else [])  # steer_bench's defaults: 392 trials at the SmolLM2 recipe's eval batch of 256
     took("steer_bench")
     rows += train_bench.measure(["--steps", "3" if args.quick else "6"])
     took("train_bench")

@@ -10,9 +10,9 @@ note gives the stage breakdown), ``quick_pipeline_<stage>_s`` per stage (read fr
 as it records it after each stage (``VmHWM`` on Linux, restarted at each stage so the note
 gives each stage's own peak; not a sum over processes). Not the
 child's ``ru_maxrss`` from ``wait4``: exec keeps the high-water mark of the process that
-forked it, so run from ``python -m benchmarks`` after the in-process benchmarks it read the
-parent's 5966 MiB where the pipeline peaked at 3532 (docs/performance.md P22); it is the
-fallback where the stages recorded nothing.
+forked it, so run from ``python -m benchmarks`` after the in-process benchmarks it would
+report the parent's larger peak instead of the pipeline's; it is the fallback where the
+stages recorded nothing.
 """
 
 from __future__ import annotations

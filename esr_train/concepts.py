@@ -307,8 +307,9 @@ def saved_concept_directions(
     data generation, training and evaluation steer with the very same vectors.
 
     With ``use_cache`` the cross-run cache (:func:`shared_direction_root`) is looked up
-    before building and filled after: writing ~90 subjects' concept texts was a third of a
-    dataset's generation time (docs/performance.md P5), the same work in every run. A hit is
+    before building and filled after: writing the subjects' concept texts is a large share of
+    a dataset's generation time (measured in docs/performance.md), and the same work in every
+    run. A hit is
     copied into ``save_dir``, so a run directory always holds the vectors it used."""
     concepts = list(dict.fromkeys(concepts))
     save_dir = Path(save_dir)

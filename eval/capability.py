@@ -14,8 +14,8 @@ import torch
 
 LOGITS_BUDGET = 256 * 2**20
 """Most logits (elements, in the model's dtype) one forward pass may hold: rows x width x vocabulary. Gemma 3's
-262k vocabulary at the eval batch of 64 and ~200 tokens is 3.4 G floats (13 GB), which
-was the 11.6 GB peak of a Gemma evaluation (docs/results.md R14); rows beyond the budget
+262k vocabulary at the eval batch of 64 and ~200 tokens is 3.4 G floats (13 GB), enough to
+set an evaluation's peak memory (see docs/performance.md); rows beyond the budget
 go in further passes. The logits stay in the model's dtype; only one row's answer positions
 are taken to float32 at a time."""
 
@@ -54,7 +54,7 @@ def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequenc
             mask[row, :len(f)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         # one row's answer positions at a time in float32: a float copy of the whole pass, and
-        # cross_entropy's log-softmax of it, were 2.7 GB of a 6 GB evaluation (P26). Position
+        # cross_entropy's log-softmax of it, would be a large share of the evaluation's memory. Position
         # t - 1 predicts token t; the answer is tokens [len(h), len(f)) of each row.
         nll = torch.zeros((), dtype=torch.float32, device=logits.device)
         for row, (h, f) in enumerate(chunk):

@@ -1,8 +1,8 @@
 """Pool one condition over several training seeds (or runs) and show the spread between them.
 
-One adapter is one draw of the training seed, and on SmolLM2-135M the seed alone moves the
-ESR and false-restart rates by about 8 points at 48 trials (docs/results.md R15), as much
-as any lever tried. So a lever is judged on a *group*: the same condition trained with
+One adapter is one draw of the training seed, and on a small model the seed alone can move
+the ESR and false-restart rates as much as any lever tried (see docs/results.md). So a
+lever is judged on a *group*: the same condition trained with
 several seeds, each evaluated on the same trials. This module pools the trials of a
 group (rates and Wilson intervals over all of them) and reports each member's rate and
 the between-member standard deviation beside it: the pooled interval only counts trial

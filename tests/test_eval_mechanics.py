@@ -358,7 +358,7 @@ def test_build_summary_absolute_strength_sweep_pools_levels() -> None:
 
 
 def test_perplexity_holds_a_bounded_number_of_logits_and_does_not_depend_on_grouping():
-    """The eval batch (64 rows) x Gemma's 262k vocabulary held 13 GB of logits at once;
+    """The eval batch (64 rows) x Gemma's 262k vocabulary would hold 13 GB of logits at once;
     a budget splits the rows into more passes without changing the perplexity."""
     from eval.capability import _rows_per_pass, answer_perplexity
     from esr_train.zoo import load_tokenizer

@@ -121,7 +121,7 @@ def test_mined_positives_twin_each_mined_restart_with_a_drift_that_restarts_the_
     assert trained.strip().startswith("Let me start over Be specific.") and set(enc["unlikely"]) == {IGNORE}
     with pytest.raises(Exception, match="mined_positives"):
         TrainExtras(mined_positives=True)
-    # the other keys that shape unlikelihood refuse it off too, not pass silently (R39's review)
+    # the other keys that shape unlikelihood refuse it off too, not pass silently
     for key, value in (("unlikely_tokens", 2), ("unlikely_floor", 1e-3)):
         with pytest.raises(Exception, match=f"train.{key} .*unlikelihood_weight > 0"):
             TrainExtras(**{key: value})

@@ -1,5 +1,5 @@
 """Behaviour on the real bundled models (loaded from the esr cache; the first run
-dequantises them once: about 35 s for SmolLM2 and 85 s for Gemma 3 on 2 cores)."""
+dequantises them once, which is slow; later runs load the cached safetensors)."""
 
 from __future__ import annotations
 

@@ -31,11 +31,12 @@ class TrainSteering:
     span: str = "all"
     """``all``: the whole row is pushed. ``until_answer``: the prompt, the distraction and the
     restart are pushed, the answer is not, so the adapter is paid to *restart* under the
-    push but not to cancel it while answering (which teaches immunity instead: R4)."""
+    push but not to cancel it while answering (pushing the answer too teaches immunity
+    instead; see docs/results.md)."""
     strength_max: float | None = None
     """When set, each pushed row of each step draws its strength uniformly from
     [strength, strength_max], so no single push is the one the adapter can learn to cancel
-    (R12: within the noise of a fixed push)."""
+    (in practice no better than a fixed push; see docs/results.md)."""
     seed: int = 0
 
     def __post_init__(self) -> None:

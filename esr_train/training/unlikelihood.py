@@ -1,9 +1,9 @@
 """Unlikelihood on false restarts: teach the adapter when *not* to restart.
 
 Adapters trained on self-correction rows pick up a tic: unpushed, they restart after an
-on-topic opener ("Resolving a disagreement can be delicate. ... Let me start again: ...";
-13% of R18's greedy answers). Normal rows only teach what to say, never what not to say,
-and adding more of them did not lower the tic (R18). This module adds the missing negative:
+on-topic opener ("Resolving a disagreement can be delicate. ... Let me start again: ...").
+Normal rows only teach what to say, never what not to say, and adding more of them does
+not lower the tic (see docs/results.md). This module adds the missing negative:
 each normal row gets a twin cut after one of its first sentences and followed by a restart
 phrase drawn from the dataset's own self-correction rows, and the restart's tokens get the
 unlikelihood loss -log(1 - p(token)) (Welleck et al. 2019, "Neural text generation with
@@ -29,10 +29,9 @@ def unlikelihood_loss(log_probs, unlikely_mask, floor: float | None = None):
 
     With ``floor`` t, the hinge max(0, log p - log t) instead. Why: the gradient of
     -log(1 - p) with respect to the logits is about p, so once a false restart is down to a
-    few percent per sentence end the negatives hardly push (R38 measured the round-one
-    adapters' restart tokens at a mean p of 0.03 after on-topic openers, and their tic
-    unmoved); the hinge pushes with a gradient near 1 until p is below t, then not at all,
-    so it cannot drive a token to -inf."""
+    few percent per sentence end the negatives hardly push, and a tic at that level stays
+    put (see docs/results.md); the hinge pushes with a gradient near 1 until p is below t,
+    then not at all, so it cannot drive a token to -inf."""
     import math
 
     import torch
