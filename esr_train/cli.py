@@ -76,8 +76,17 @@ def _steer(args) -> int:
     from esr_train.generation import generate
     from esr_train.sae import load_sae, sae_direction
     from esr_train.steering import steer
-    from esr_train.zoo import load_model, steer_layer
+    from esr_train.preflight import InputError, check_layer, check_vector_file, model_shape
+    from esr_train.zoo import ZOO, load_model, steer_layer
 
+    if args.sae and args.latent is None:
+        raise InputError("--sae needs --latent (the SAE latent to steer with)")
+    shape = model_shape(args.model)  # checked from the config before the weights load
+    if shape is not None:
+        check_layer(args.layer, shape[0])
+        if args.vector:
+            default = ZOO[args.model].default_layer if args.model in ZOO else shape[0] // 2
+            check_vector_file(args.vector, args.layer if args.layer is not None else default, shape[1])
     model, tok = load_model(args.model, dtype=args.dtype)
     layer = steer_layer(args.model, model, args.layer)
     if args.concept:
@@ -85,8 +94,6 @@ def _steer(args) -> int:
     elif args.vector:
         direction = with_reference_norm(load_vector_file(args.vector, layer), model, tok)
     else:
-        if args.latent is None:
-            raise SystemExit("esr steer: --sae needs --latent")
         direction = with_reference_norm(sae_direction(load_sae(args.sae, args.sae_id), args.latent), model, tok)
     if args.save_direction:
         print(f"direction saved to {direction.save(args.save_direction)}")
@@ -480,11 +487,18 @@ def _pipeline(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in one line (``esr CMD: error: ...``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esr", description="Induce, measure and compare endogenous steering resistance.")
+    parser = _Parser(prog="esr", description="Induce, measure and compare endogenous steering resistance.")
     parser.add_argument("--version", action="version", version=f"esr-train {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_models(sub)
     _add_steer(sub)
     _add_generate(sub)
@@ -505,8 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and "train" not in getattr(args, "override_sections", ()):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra and not hasattr(args, "override_sections"):
+        print(error_line(args.command or "", argparse.ArgumentError(None, f"unrecognized arguments: {' '.join(extra)}")),
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from esr_train.errors import EsrError
 from typing import Any, Iterator
 
 
@@ -60,6 +62,31 @@ class JsonlStore:
         self._data[key] = value
 
 
+class RecordError(EsrError, ValueError):
+    """A stored record file with a bad line before its end."""
+
+
+def parse_records(raw: bytes, path: Path, key_field: str = "key") -> tuple[dict[str, dict], int]:
+    """The records of a :class:`RecordFile`'s bytes by key, and how many bytes hold whole
+    records (a torn last line, left by a kill, is not counted); a bad line before the end
+    raises :class:`RecordError` naming the file and line. Writes nothing."""
+    records: dict[str, dict] = {}
+    lines = raw.splitlines(keepends=True)
+    good_bytes = 0
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            rec = json.loads(line)
+            key = rec[key_field]
+        except (ValueError, KeyError, TypeError):
+            if lineno == len(lines) and not line.endswith(b"\n"):
+                break  # torn by a kill: the record is redone
+            raise RecordError(f"{path}:{lineno}: not a JSON record with a {key_field!r} field; the "
+                              "file was changed by hand or by another tool (fix or remove that line)") from None
+        records[str(key)] = rec
+        good_bytes += len(line)
+    return records, good_bytes
+
+
 class RecordFile:
     """A JSONL file of plain records (one object per line, each with a unique ``key_field``)
     that grows as work finishes: readable by any JSONL tool while a run is going, and
@@ -74,18 +101,7 @@ class RecordFile:
         if not self.path.exists():
             return
         raw = self.path.read_bytes()
-        lines = raw.splitlines(keepends=True)
-        good_bytes = 0
-        for lineno, line in enumerate(lines, start=1):
-            try:
-                rec = json.loads(line)
-                key = rec[key_field]
-            except (ValueError, KeyError, TypeError):
-                if lineno == len(lines) and not line.endswith(b"\n"):
-                    break  # torn by a kill: the record is redone
-                raise ValueError(f"{self.path}:{lineno}: not a JSON record with a {key_field!r} field") from None
-            self._records[str(key)] = rec
-            good_bytes += len(line)
+        self._records, good_bytes = parse_records(raw, self.path, key_field)
         if good_bytes < len(raw):
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_bytes)

@@ -74,6 +74,8 @@ def _optional_str(row: dict[str, Any], key: str) -> bool:
 def read_judge_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows ``{"prompt", "response", "concept"?, "reference"?, ...}`` of a JSONL file; blank
     lines are skipped, extra keys (``id``, ``label``, ...) are kept."""
+    if not Path(path).is_file():
+        raise JudgeFileError(f"{path}: no such file")
     rows = []
     for lineno, row in json_objects(path, JudgeFileError):
         for key in ("prompt", "response"):

@@ -41,8 +41,12 @@ def check_eval_inputs(cfg: EvalConfig, out: str | Path, model=None) -> None:
     caller already holds one, stands in for reading the model's config."""
     from eval.sources import eval_prompts, eval_subjects
 
+    from esr_train.records import parse_records
+
     out = check_out_path(out)
     check_settings_match(cfg, out)
+    if (out / "trials.jsonl").is_file():  # a resumed run's trials must read before anything loads
+        parse_records((out / "trials.jsonl").read_bytes(), out / "trials.jsonl")
     eval_prompts(cfg)
     if cfg.directions == "concept":
         eval_subjects(cfg)

@@ -28,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from esr_train.cache import atomic_write_text
+from esr_train.errors import EsrError
+
+
+class ReportError(EsrError, ValueError):
+    """A run directory the report cannot read."""
 
 __all__ = ["format_table", "write_report"]
 
@@ -67,7 +72,7 @@ def _load_run(run_dir: Path) -> _Run:
     report just has no transcripts and no first-vs-last scatter)."""
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
-        raise ValueError(f"no summary.json in run directory {run_dir}")
+        raise ReportError(f"{run_dir}: no summary.json; give an eval run directory (esr eval --out)")
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -66,7 +66,7 @@ def test_split_at_keeps_announcements_apart_and_drops_empty_attempts() -> None:
 
 def test_prototypes_are_not_the_training_bank() -> None:
     bank = [json.loads(line)["phrase"] for line in
-            (ROOT / "data_gen" / "resources" / "restart_phrases.jsonl").read_text().splitlines() if line.strip()]
+            (ROOT / "esr_train" / "resources" / "restart_phrases.jsonl").read_text().splitlines() if line.strip()]
     texts, labels = load_prototypes()
     assert sum(labels) >= 300 and len(labels) - sum(labels) >= 300
     own = {t.lower().strip() for t in texts}
@@ -138,7 +138,7 @@ def _found_rate(judge: OfflineJudge, path: Path) -> float:
 
 
 def test_held_out_phrasings_found_as_often_as_the_banks(judge) -> None:
-    bank = _found_rate(judge, ROOT / "data_gen" / "resources" / "restart_phrases.jsonl")
+    bank = _found_rate(judge, ROOT / "esr_train" / "resources" / "restart_phrases.jsonl")
     held_out = _found_rate(judge, JUDGE_SET / "heldout_restarts.jsonl")
     assert bank >= 0.9 and abs(bank - held_out) <= 0.05, (bank, held_out)
 
