@@ -47,7 +47,9 @@ def trained(dataset, tmp_path_factory):
     from esr_train.training.trainer import train
 
     out = tmp_path_factory.mktemp("run") / "adapter"
+    before = sorted(p.name for p in dataset.rglob("*"))
     summary = train(RECIPE, out, dataset_dir=dataset)
+    assert sorted(p.name for p in dataset.rglob("*")) == before, "training wrote into the input dataset folder"
     return out, summary
 
 
@@ -58,6 +60,7 @@ def test_training_lowers_loss_and_writes_an_adapter(trained):
     assert summary["compiled_norms"] is (shutil.which("c++") is not None or shutil.which("g++") is not None)
     assert summary["final_train_loss"] < summary["first_train_loss"]
     assert summary["final_eval_loss"] is not None
+    assert summary["provenance"]["dtype"] == summary["dtype"] and summary["provenance"]["libraries"]["trl"]
     for name in ("adapter_config.json", "adapter_model.safetensors", "esr_recipe.yaml", "esr_train_summary.json",
                  "train_log.jsonl", "tokenizer_config.json"):
         assert (out / name).exists(), name

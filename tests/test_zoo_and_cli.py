@@ -99,3 +99,20 @@ def test_models_load_without_hub_kernels(tmp_path):
     tok.save_pretrained(tmp_path)
     model, _ = load_model(str(tmp_path), dtype="float32", device="cpu")
     assert model.use_kernels is False
+
+
+def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path):
+    """Outputs are readable by the group and others as with open(..., "w"), not mkstemp's 0600."""
+    import os
+
+    from esr_train.cache import atomic_directory, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
