@@ -104,8 +104,9 @@ class GenerateConfig:
         if self.adapter is not None:
             if self.backend != "self":
                 raise GenerateError(f"adapter is for the self backend, not {self.backend!r}")
-            if not (Path(self.adapter) / "adapter_config.json").exists():
-                raise GenerateError(f"adapter: no adapter_config.json in {self.adapter}")
+            from esr_train.preflight import check_adapter_dir
+
+            check_adapter_dir(self.adapter, "data.adapter")
 
     def fingerprint(self) -> dict:
         """Every setting, except those added after datasets were first written while they

@@ -128,6 +128,18 @@ CASES = [
     ("steer-unknown-model", ["steer", "--prompt", "hi", "--concept", "x", "--model", "nope"], {},
      ["unknown model 'nope'"]),
     ("steer-sae-without-latent", ["steer", "--prompt", "hi", "--sae", "{d}/sae"], {}, ["--sae needs --latent"]),
+    # esr probe, esr merge, esr sweep
+    ("probe-missing-dataset", ["probe", "--dataset", "{d}/none", "--out", "{d}/new"], {},
+     ["none", "not a dataset directory"]),
+    ("probe-writer-without-weights", ["probe", "--dataset", "{d}/none", "--out", "{d}/new", "--data.adapter", "{d}/ad"],
+     _adapter(True, False), ["data.adapter", "no adapter_model.safetensors"]),
+    ("probe-out-is-a-file", ["probe", "--dataset", "{d}/none", "--out", "{d}/taken"], {"taken": "x"},
+     ["--out", "is a file"]),
+    ("merge-adapter-without-weights", ["merge", "{d}/ad", "--out", "{d}/merged"], _adapter(True, False),
+     ["no adapter_model.safetensors"]),
+    ("sweep-bad-mixes", ["sweep", "{d}/r.yaml", "--dataset", "{d}/ds", "--out", "{d}/sw", "--mixes", "half"],
+     {"r.yaml": RECIPE}, ["--mixes", "'half'"]),
+    ("judge-agreement-missing-labels", ["judge-agreement", "--labels", "{d}/nolabels.jsonl"], {}, ["nolabels.jsonl"]),
     # the other commands
     ("report-missing-run", ["report", "{d}/norun"], {}, ["norun"]),
     ("pool-bad-group", ["pool", "justaname"], {}, ["justaname"]),

@@ -288,9 +288,10 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> 
     from esr_train.cache import atomic_directory
     from esr_train.zoo import load_model
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise TrainError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    from esr_train.preflight import check_adapter_dir, check_out_path
+
+    adapter_dir = check_adapter_dir(adapter_dir, "adapter")
+    check_out_path(out_dir)
     recipe = read_json(adapter_dir / "esr_train_summary.json", default={}) or {}
     base_name = recipe.get("model") or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     model, tok = load_model(base_name, dtype=dtype)
