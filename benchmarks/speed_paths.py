@@ -1,6 +1,7 @@
 """What each path of the speed wing buys end to end, measured in one run.
 
-    python -m benchmarks.speed_paths [--prompts 48] [--tokens 96] [--steps 6] [--json out.json]
+    python -m benchmarks.speed_paths [--prompts 48] [--tokens 96] [--steps 6] [--repeat 1]
+        [--workloads decode,train] [--settings on,-token_choice] [--json out.json]
 
 Two workloads, each run in a fresh process per setting of ``ESR_SPEED`` (so no kernel or
 patch leaks from one setting into the next):
@@ -13,7 +14,8 @@ patch leaks from one setting into the next):
 
 Each workload runs with every path on, with each path that touches it switched off alone,
 and with all paths off. A row's ratio is the setting's rate over the all-on rate of the same
-workload in the same run (below 1: switching the path off costs that share); the ceiling is
+workload in the same run (below 1: switching the path off costs that share; with ``--repeat``
+the settings alternate and the median counts); the ceiling is
 the dtype's matmul rate measured in the same process, divided by the workload's FLOPs per
 token.
 """
@@ -103,20 +105,31 @@ def measure(argv=None) -> list[dict]:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds over the settings, in alternating order; the median rate counts")
+    parser.add_argument("--workloads", default="decode,train", help="decode, train or both")
+    parser.add_argument("--settings", help="comma-separated ESR_SPEED values (default: on, each path off, off)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     rows = []
     for job, paths, job_args, per_token in (
             ("decode", DECODE_PATHS, f"{args.prompts}, {args.tokens}", GFLOP_PER_TOKEN),
             ("train", TRAIN_PATHS, f"{args.steps}", GFLOP_PER_TOKEN * LORA_FACTOR)):
-        settings = ["on", *(f"-{p}" for p in paths), "off"]
-        results = {s: _child(job, s, job_args) for s in settings}
-        base = results["on"]["tok_s"]
+        if job not in args.workloads.split(","):
+            continue
+        settings = args.settings.split(",") if args.settings else ["on", *(f"-{p}" for p in paths), "off"]
+        runs: dict[str, list[dict]] = {s: [] for s in settings}
+        for k in range(args.repeat):
+            for setting in (settings if k % 2 == 0 else settings[::-1]):
+                runs[setting].append(_child(job, setting, job_args))
+        results = {s: sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2] for s, rs in runs.items()}
+        base = results[settings[0]]["tok_s"]
         for setting, r in results.items():
-            meta = {**machine_meta(r["dtype"])}
-            rows.append(make_row(f"{job}_tok_s[ESR_SPEED={setting}]", r["tok_s"], "tok/s", meta=meta,
+            spread = ", ".join(f"{x['tok_s']:.0f}" for x in runs[setting])
+            rows.append(make_row(f"{job}_tok_s[ESR_SPEED={setting}]", r["tok_s"], "tok/s", meta=machine_meta(r["dtype"]),
                                  baseline=base, ceiling=round(r["gflops"] / per_token, 1),
-                                 note=f"matmul {r['gflops']:.1f} GFLOP/s in the same process"))
+                                 note=f"median of {len(runs[setting])} ({spread}); matmul {r['gflops']:.1f} GFLOP/s "
+                                      "in the same process"))
     return rows
 
 

@@ -455,6 +455,44 @@ def _pool(args) -> int:
     return 0
 
 
+def _add_sae(sub) -> None:
+    import dataclasses
+
+    from esr_train.sae_train import SAESettings
+
+    p = sub.add_parser("sae", help="sparse autoencoders for the bundled models (sae-lens), trained offline")
+    ssub = p.add_subparsers(dest="sae_command", metavar="ACTION", required=True, parser_class=_Parser)
+    t = ssub.add_parser("train", help="train a TopK SAE on a model's own residuals at one layer (cached)",
+                        description="The model writes answers to the bundled training prompts and texts about the "
+                                    "bundled training subjects; its residuals after --layer train a sae-lens TopK "
+                                    "SAE. The result is cached per model, layer and settings, and loads with "
+                                    "esr eval --eval.directions sae --eval.sae DIR.")
+    t.add_argument("--model", default="smollm2-135m", help="bundled name or local model directory")
+    t.add_argument("--layer", type=int, required=True, help="decoder layer whose output (resid_post) is read")
+    for f in dataclasses.fields(SAESettings):
+        t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default: %(default)s)")
+    t.add_argument("--cache-dir", default=None, help="cache root (default $ESR_CACHE_DIR or ~/.cache/esr-train)")
+    p.set_defaults(func=_sae, command="sae")
+
+
+def _sae(args) -> int:
+    import dataclasses
+
+    from esr_train.sae_train import SAESettings, read_quality, train_sae
+
+    settings = SAESettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SAESettings)})
+    path = train_sae(args.model, args.layer, settings, cache_root=args.cache_dir)
+    q = read_quality(path)
+    print(f"sae: {path}")
+    print(f"held-out explained variance {q.get('explained_variance')}, L0 {q.get('l0')}, dead latents "
+          f"{q.get('dead_fraction')}, trained on {q.get('training_tokens')} tokens")
+    for ex in q.get("top_latents", []):
+        print(f"  latent {ex['latent']:5d} (active on {100 * ex['frequency']:.1f}% of tokens): {ex['context']!r}")
+    print(f"steer with it: esr eval --eval.directions sae --eval.sae {path}")
+    return 0
+
+
 def _add_pipeline(sub) -> None:
     from esr_train.pipeline import STAGES
     from esr_train.settings import add_section_arguments
@@ -512,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rejudge(sub)
     _add_report(sub)
     _add_pool(sub)
+    _add_sae(sub)
     _add_pipeline(sub)
     return parser
 

@@ -124,6 +124,15 @@ def _chat_texts(tokenizer, prompts, system, rendered, row_steering, strength) ->
     return texts, strengths
 
 
+def seed_from(*parts) -> int:
+    """A 63-bit sampling seed fixed by ``parts`` alone (their text), the same on every run and
+    machine: the seed of one row keyed by what the row is, never by where it sits in a batch."""
+    import hashlib
+
+    text = "\x1f".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
+
+
 def _label(progress: "bool | str") -> str:
     """The progress bar's label: ``progress`` itself when it is one, else "generate"."""
     return progress if isinstance(progress, str) else "generate"

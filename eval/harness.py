@@ -39,10 +39,9 @@ def trial_seed(record: dict[str, Any]) -> int:
     """The sampling seed of one trial, keyed by the trial itself: its user prompt, direction,
     strength and sample seed. Not its condition, so conditions that share a trial share its
     draws, and not its position in a batch, so a resumed run draws what the first would have."""
-    import hashlib
+    from esr_train.generation import seed_from
 
-    key = "\x1f".join(str(record[k]) for k in ("prompt", "direction", "strength", "seed"))
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") >> 1
+    return seed_from(*(record[k] for k in ("prompt", "direction", "strength", "seed")))
 
 
 def plan_triples(n_prompts: int, n_directions: int, n: int, seed: int) -> list[Triple]:

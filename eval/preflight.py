@@ -60,6 +60,8 @@ def check_eval_inputs(cfg: EvalConfig, out: str | Path, model=None) -> None:
         return
     n_layers, width = shape
     check_layer(cfg.layer, n_layers, "eval.layer")
+    if cfg.directions == "sae" and cfg.sae and Path(cfg.sae).is_dir():
+        check_sae_dir(Path(cfg.sae), n_layers, width)
     if cfg.directions == "vectors":
         from esr_train.zoo import ZOO
 
@@ -67,3 +69,25 @@ def check_eval_inputs(cfg: EvalConfig, out: str | Path, model=None) -> None:
                                                          else n_layers // 2)
         for path in cfg.vectors:
             check_vector_file(path, layer, width, "eval.vectors")
+
+
+def check_sae_dir(path: Path, n_layers: int, width: int) -> None:
+    """A local sae-lens SAE folder fits the model: its ``d_in`` is the residual width and its
+    hook names a decoder layer the model has."""
+    import json
+
+    from esr_train.layers import layer_from_hook_name
+
+    try:
+        cfg = json.loads((path / "cfg.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise EvalConfigError(f"eval.sae {path}: no readable cfg.json; give a folder sae-lens saved") from None
+    if cfg.get("d_in") != width:
+        raise EvalConfigError(f"eval.sae {path}: an SAE of width {cfg.get('d_in')}, but the model's residual stream "
+                              f"has width {width} (an SAE for another model?)")
+    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    try:
+        layer = layer_from_hook_name(str(hook))
+    except Exception:
+        raise EvalConfigError(f"eval.sae {path}: hook {hook!r} names no decoder layer") from None
+    check_layer(layer, n_layers, f"eval.sae {path}: the SAE's layer")

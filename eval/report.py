@@ -253,6 +253,32 @@ def _main_table(run: _Run) -> _Table:
     return _Table(headers, rows)
 
 
+def _pct_diff(d: Mapping[str, Any] | None) -> str:
+    """``+12.0 pts [6.5, 17.5] (b 30 / c 6, p 0.0001)`` for one paired rate difference."""
+    if not d or d.get("difference") is None:
+        return DASH
+    lo, hi = d.get("difference_ci") or (None, None)
+    ci = "" if _missing(lo) or _missing(hi) else f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return f"{100 * d['difference']:+.1f} pts{ci} ({d['only_a']} vs {d['only_b']}, p {d['mcnemar_p']:.2g})"
+
+
+def _paired_table(run: _Run) -> _Table | None:
+    """Each condition against the base over the trials both ran (same prompt, direction,
+    strength and seed, so the same draws): paired differences with McNemar's p."""
+    paired = run.summary.get("paired") or {}
+    if not paired:
+        return None
+    rows = []
+    for name, both in paired.items():
+        st, un = both.get("steered") or {}, both.get("unsteered") or {}
+        first = st.get("first_score_difference")
+        rows.append([name, str(st.get("n", 0)), _pct_diff(st.get("multi_attempt")), _pct_diff(st.get("esr")),
+                     _num_ci(first, st.get("first_score_difference_ci")),
+                     f"{_pct_diff(un.get('multi_attempt'))} (n={un.get('n', 0)})"])
+    return _Table(["comparison", "shared steered trials", "multi-attempt difference", "ESR difference",
+                   "first score difference", "unsteered false restart difference"], rows)
+
+
 def _comparison_table(runs: list[_Run]) -> _Table:
     """Before/after: one row per condition (union over runs, first-seen order) and a
     column group per run, so the same metric of two runs sits a few columns apart."""
@@ -754,6 +780,12 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = No
                         "rates, bootstrap for means). ESR = at least two attempts and the last scores higher than the "
                         "first; improvement = ESR among multi-attempt trials; false restart = multi-attempt rate "
                         "without steering."))
+    paired = _paired_table(runs[0]) if single else None
+    if paired is not None:
+        blocks += [_Heading(3, "Paired against the base"), paired,
+                   _Para("Over the trials both conditions ran with the same prompt, direction, strength and seed "
+                         "(and so the same random draws): the difference in points with a bootstrap interval, the "
+                         "discordant trials (only this condition vs only the base) and McNemar's exact p.")]
     plot_paths, images = _plots(runs, out / "plots")
     blocks += [_Heading(2, "Plots")] + images
     if single:

@@ -1,5 +1,6 @@
 """``summary.json`` from the judged trials: per condition, steered and unsteered metrics,
-per-direction breakdowns and, for strength sweeps, one row of metrics per level.
+per-direction breakdowns, every condition paired against the base over their shared trials
+(:mod:`eval.paired`) and, for strength sweeps, one row of metrics per level.
 
 Recomputed from ``trials.jsonl`` alone (plus the run's calibration and capability
 numbers), so anyone can re-derive every figure in the report from the raw trials.
@@ -11,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from eval.metrics import summarize_trials
+from eval.paired import paired_against
 
 
 def _main_level(trials: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> Any:
@@ -38,6 +40,9 @@ def build_summary(trials: Sequence[Mapping[str, Any]], conditions: Sequence[str]
         }
     summary: dict[str, Any] = {"conditions": by_cond, "capability": capability or {},
                                "calibration": calibration or {}, "config": config}
+    paired = paired_against(trials, conditions, "base", main)
+    if paired:
+        summary["paired"] = paired
     levels = sorted({t["level"] for t in trials if t["steered"] and t.get("level") is not None})
     if len(levels) > 1:
         summary["sweep"] = {

@@ -218,6 +218,17 @@ def test_self_backend_on_smollm_resumes_and_is_on_policy(smollm, tmp_path):
     # the time of each stage is recorded; the re-run, all from caches, spends less on generation
     assert {"answers", "directions", "distractions", "filters"} <= set(summary["stage_s"])
     assert again["stage_s"]["distractions"] < summary["stage_s"]["distractions"]
+    # a killed run that lost some texts writes them again as the first run wrote them: each
+    # sampled row draws from a seed fixed by its cache key, not by its place in the batch
+    lost = list(backend.distractions._data)[1::2]
+    lines = (tmp_path / "ds" / ".work" / "distractions.jsonl")
+    kept = [line for line in lines.read_text(encoding="utf-8").splitlines() if json.loads(line)["key"] not in lost]
+    lines.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    resumed = SelfBackend(model, tok, "smollm2-135m", SelfConfig(answer_tokens=64, distraction_tokens=48, batch_size=8),
+                          tmp_path / "ds" / ".work")
+    (tmp_path / "ds" / "summary.json").unlink()
+    build_dataset(cfg, tmp_path / "ds", backend_impl=resumed)
+    assert {k: resumed.distractions[k] for k in lost} == {k: backend.distractions[k] for k in lost}
 
 
 @pytest.mark.slow

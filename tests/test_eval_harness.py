@@ -67,7 +67,9 @@ def test_run_writes_trials_and_summary(main_run, esr_cache) -> None:
 
     on_disk = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert on_disk == json.loads(json.dumps(summary))
-    assert set(on_disk) == {"conditions", "capability", "calibration", "config", "provenance"}  # no sweep section
+    assert set(on_disk) == {"conditions", "capability", "calibration", "config", "provenance", "paired"}  # no sweep
+    paired = on_disk["paired"]["base+metaprompt:notice vs base"]
+    assert 0 < paired["steered"]["n"] <= min(summary["conditions"][c]["steered"]["n"] for c in CONDITIONS)
     made_by = on_disk["provenance"]
     assert made_by["esr_train"] and made_by["libraries"]["torch"] and made_by["libraries"]["transformers"]
     assert made_by["dtype"] == on_disk["config"]["dtype"].replace("torch.", "") and made_by["machine"]["device"] in ("cpu", "cuda")

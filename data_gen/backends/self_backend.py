@@ -6,13 +6,15 @@ subject with the steering core (the same kind of text it produces when steered a
 evaluation time), cut at a sentence boundary after 1-5 sentences so the restart comes at
 different depths. The answer is the model's own unsteered answer to the prompt.
 
-Given a PEFT model (``esr generate --adapter``), the adapter writes both: its own steered
+Given a PEFT model (``esr generate --data.adapter``), the adapter writes both: its own steered
 drifts, the failures it still makes, become the next round's lesson. Concept directions
 are always built on the base weights (adapters off), the same vectors as the first round.
 
 Each stage sends all its pending prompts through one refilling decode loop
 (``iter_generate``), and every generated text is stored in a JSONL cache the moment its
-row finishes, so a killed run loses only the rows that were still in the batch.
+row finishes, so a killed run loses only the rows that were still in the batch. Every
+sampled row draws from its own seed, fixed by its cache key (``seed_from``), so the rows a
+resumed run writes are the rows the uninterrupted run would have written.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class SelfBackend:
         """The answerer's (by default the writer's own) unsteered answer to each prompt
         (greedy, or sampled at ``answer_temperature``), cut to complete sentences; cached
         under the answerer's label."""
-        from esr_train.generation import iter_generate
+        from esr_train.generation import iter_generate, seed_from
 
         model, tok, label = self.answerer
         temperature = self.cfg.answer_temperature
@@ -86,7 +88,8 @@ class SelfBackend:
         for i, out in iter_generate(model, tok, todo, max_new_tokens=self.cfg.answer_tokens,
                                     repetition_penalty=self.cfg.answer_repetition_penalty,
                                     batch_size=self.cfg.batch_size, do_sample=temperature is not None,
-                                    temperature=temperature or 1.0, seed=0, progress="answers" if todo else False):
+                                    temperature=temperature or 1.0, seeds=[seed_from(key(p)) for p in todo],
+                                    progress="answers" if todo else False):
             self.answers.put(key(todo[i]), complete_part(out))
         return {p: self.answers[key(p)] for p in prompts}
 
@@ -95,7 +98,7 @@ class SelfBackend:
         trials draw them (``probe_temperature``, ``distraction_tokens`` long, the
         distractions' repetition penalty): where the writer restarts when nothing pushed it
         (``esr_train.negatives``)."""
-        from esr_train.generation import iter_generate
+        from esr_train.generation import iter_generate, seed_from
 
         cfg = self.cfg
 
@@ -108,7 +111,8 @@ class SelfBackend:
         for i, out in iter_generate(self.model, self.tok, [p for p, _ in todo], do_sample=True,
                                     temperature=cfg.probe_temperature, max_new_tokens=cfg.distraction_tokens,
                                     repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size,
-                                    seed=len(jobs) - len(todo), progress="restart probes" if todo else False):
+                                    seeds=[seed_from(key(j)) for j in todo],
+                                    progress="restart probes" if todo else False):
             self.probes.put(key(todo[i]), out)
         return {p: [self.probes[key((p, s))] for s in range(samples)] for p in dict.fromkeys(prompts)}
 
@@ -131,7 +135,7 @@ class SelfBackend:
         """Steered openings for jobs {"id", "prompt", "subject", "sentences", "seed"};
         returns job id -> distraction cut to the job's number of sentences ('' if the
         text had no complete sentence)."""
-        from esr_train.generation import iter_generate
+        from esr_train.generation import iter_generate, seed_from
 
         cfg = self.cfg
 
@@ -144,7 +148,7 @@ class SelfBackend:
         for i, out in iter_generate(self.model, self.tok, [j["prompt"] for j in todo], do_sample=True,
                                     temperature=cfg.temperature, max_new_tokens=cfg.distraction_tokens,
                                     repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size,
-                                    seed=todo[0]["seed"] if todo else None,
+                                    seeds=[seed_from(key(j)) for j in todo],
                                     row_steering=[directions[j["subject"]] for j in todo], strength=cfg.strength,
                                     schedule=cfg.schedule, progress="distractions" if todo else False):
             self.distractions.put(key(todo[i]), out)
