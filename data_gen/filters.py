@@ -47,23 +47,30 @@ def subject_keywords(subject: dict | str) -> list[str]:
     return [w for w in re.findall(r"[a-z]+", name.lower()) if w not in stop and len(w) > 3]
 
 
+def _text_problem(text: str, min_words: int, max_words: int) -> str | None:
+    """The first failed filter every generated text shares: length, repetition, restart."""
+    if not min_words <= word_count(text) <= max_words:
+        return "length"
+    if repetitive(text):
+        return "repetition"
+    if has_restart(text):
+        return "restarted"
+    return None
+
+
 def answer_problems(prompts: Sequence[str], answers: Sequence[str], subjects: Sequence[str], cfg: FilterConfig) -> list[str | None]:
     """For each (prompt, answer) the name of the first failed filter, or None."""
     from esr_train.embeddings import cosine
 
-    out: list[str | None] = [None] * len(answers)
     to_prompt = cosine(answers, prompts).tolist() if answers else []
     to_subject = cosine(answers, subjects).tolist() if answers and all(subjects) else [None] * len(answers)
-    for i, ans in enumerate(answers):
-        if not cfg.min_answer_words <= word_count(ans) <= cfg.max_answer_words:
-            out[i] = "length"
-        elif repetitive(ans):
-            out[i] = "repetition"
-        elif has_restart(ans):
-            out[i] = "restarted"
-        elif to_prompt[i] < cfg.min_answer_prompt_similarity or (to_subject[i] is not None and to_subject[i] >= to_prompt[i]):
-            out[i] = "answer_off_topic"
-    return out
+
+    def off_topic(i: int) -> bool:
+        return to_prompt[i] < cfg.min_answer_prompt_similarity or (
+            to_subject[i] is not None and to_subject[i] >= to_prompt[i])
+
+    return [_text_problem(ans, cfg.min_answer_words, cfg.max_answer_words) or
+            ("answer_off_topic" if off_topic(i) else None) for i, ans in enumerate(answers)]
 
 
 def distraction_problems(prompts: Sequence[str], distractions: Sequence[str], subjects: Sequence[dict | str],
@@ -71,19 +78,14 @@ def distraction_problems(prompts: Sequence[str], distractions: Sequence[str], su
     """For each distraction the name of the first failed filter, or None."""
     from esr_train.embeddings import cosine
 
-    names = [s["subject"] if isinstance(s, dict) else s for s in subjects]
-    out: list[str | None] = [None] * len(distractions)
     if not distractions:
-        return out
+        return []
+    names = [s["subject"] if isinstance(s, dict) else s for s in subjects]
     to_prompt = cosine(distractions, prompts).tolist()
     to_subject = cosine(distractions, names).tolist()
-    for i, text in enumerate(distractions):
-        if not cfg.min_distraction_words <= word_count(text) <= cfg.max_distraction_words:
-            out[i] = "length"
-        elif repetitive(text):
-            out[i] = "repetition"
-        elif has_restart(text):
-            out[i] = "restarted"
-        elif not (keyword_hit(text, subject_keywords(subjects[i])) or to_subject[i] - to_prompt[i] > cfg.subject_margin):
-            out[i] = "not_about_subject"
-    return out
+
+    def about_subject(i: int, text: str) -> bool:
+        return keyword_hit(text, subject_keywords(subjects[i])) or to_subject[i] - to_prompt[i] > cfg.subject_margin
+
+    return [_text_problem(text, cfg.min_distraction_words, cfg.max_distraction_words) or
+            (None if about_subject(i, text) else "not_about_subject") for i, text in enumerate(distractions)]

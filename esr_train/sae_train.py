@@ -16,7 +16,8 @@ top-activating text of a few latents) is written beside it in ``quality.json``.
 
 Cache: ``<cache>/saes/<model>/layer<L>/<key>``, where the key covers the model's weights, the
 layer and every setting, so a second call with the same arguments returns at once. The
-answers are stored as they are written (a killed run resumes them), and the finished SAE is
+written texts are stored as they finish in ``<cache>/saes/<model>/texts-<key>.jsonl`` (a
+killed run resumes them; SAEs of other widths or layers reuse them), and the finished SAE is
 moved into place in one rename, so a half-written SAE never exists under the key.
 """
 
@@ -42,9 +43,9 @@ class SAETrainError(EsrError, ValueError):
 
 @dataclass(frozen=True)
 class SAESettings:
-    latents: int = field(default=4096, metadata={"help": "SAE width (d_sae)"})
+    latents: int = field(default=2048, metadata={"help": "SAE width (d_sae)"})
     k: int = field(default=32, metadata={"help": "active latents per token (TopK)"})
-    texts: int = field(default=480, metadata={"help": "texts the model writes: half answers to bundled prompts, "
+    texts: int = field(default=720, metadata={"help": "texts the model writes: half answers to bundled prompts, "
                                                       "half about bundled subjects"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per written text"})
     epochs: int = field(default=8, metadata={"help": "passes over the training activations"})
@@ -71,9 +72,11 @@ def sae_cache_dir(model_name: str, layer: int, key: str, cache_root: str | None 
 
 def _written_texts(model, tok, settings: SAESettings, store_path: Path, progress: bool) -> list[str]:
     """The chat-rendered texts (request + the model's answer), written once and stored in
-    ``store_path`` as they finish, so a killed run keeps what it wrote."""
+    ``store_path`` as they finish, so a killed run keeps what it wrote and SAEs of other
+    widths on the same texts reuse them. Each text is sampled from a seed fixed by its
+    request, so a resumed run writes what the first would have."""
     from esr_train.banks import load_prompts, load_subjects
-    from esr_train.generation import iter_generate, render_prompt
+    from esr_train.generation import iter_generate, render_prompt, seed_from
     from esr_train.records import JsonlStore
 
     rng = random.Random(settings.seed)
@@ -89,9 +92,9 @@ def _written_texts(model, tok, settings: SAESettings, store_path: Path, progress
     todo = [i for i, key in enumerate(keys) if key not in store]
     if todo:
         for j, answer in iter_generate(model, tok, [requests[i] for i in todo], max_new_tokens=settings.max_new_tokens,
-                                       do_sample=True, temperature=0.7, repetition_penalty=1.1, batch_size=32,
-                                       seeds=[settings.seed * 1_000_003 + i for i in todo], progress="sae texts"
-                                       if progress else False):
+                                       do_sample=True, temperature=0.7, repetition_penalty=1.1, batch_size=64,
+                                       seeds=[seed_from(settings.seed, keys[i]) for i in todo],
+                                       progress="sae texts" if progress else False):
             store.put(keys[todo[j]], answer)
     return [render_prompt(tok, request) + store[key] for request, key in zip(requests, keys)]
 
@@ -105,9 +108,11 @@ def _batches(acts: torch.Tensor, batch_size: int, epochs: int, seed: int):
             yield acts[order[i:i + batch_size]]
 
 
-def _quality(sae, acts: torch.Tensor, texts_tokens: list[list[str]], offsets: list[int], top: int = 6) -> dict:
-    """Explained variance, L0 and dead latents on held-out activations; the top-activating
-    token contexts of the ``top`` most frequently active latents."""
+def _quality(sae, acts: torch.Tensor, texts_tokens: list[list[str]], offsets: list[int], top: int = 8) -> dict:
+    """Explained variance, L0 and dead latents on held-out activations; the latents active on
+    0.1-5% of tokens (``specific_latents``: specific enough to read, and alive, the candidates
+    to steer with); the top-activating token context of ``top`` latents: the most strongly
+    activated specific ones, else the most frequent."""
     with torch.no_grad():
         feats = sae.encode(acts)
         recon = sae.decode(feats)
@@ -117,7 +122,11 @@ def _quality(sae, acts: torch.Tensor, texts_tokens: list[list[str]], offsets: li
     fired = active.any(dim=0)
     frequency = active.float().mean(dim=0)
     examples = []
-    for latent in torch.argsort(frequency, descending=True)[:top].tolist():
+    peak = feats.max(dim=0).values
+    specific = ((frequency >= 0.001) & (frequency <= 0.05)).nonzero().flatten()
+    pool = specific[torch.argsort(peak[specific], descending=True)] if len(specific) >= top else \
+        torch.argsort(frequency, descending=True)
+    for latent in pool[:top].tolist():
         best = int(torch.argmax(feats[:, latent]))
         text = next(t for t in range(len(offsets)) if offsets[t] <= best < offsets[t] + len(texts_tokens[t]))
         words, pos = texts_tokens[text], best - offsets[text]
@@ -125,7 +134,8 @@ def _quality(sae, acts: torch.Tensor, texts_tokens: list[list[str]], offsets: li
         examples.append({"latent": latent, "frequency": round(float(frequency[latent]), 4),
                          "max_activation": round(float(feats[best, latent]), 3),
                          "context": f"{before}[[{words[pos]}]]{after}"})
-    return {"explained_variance": round(float(1 - resid / total), 4),
+    return {"specific_latents": specific.tolist(),
+            "explained_variance": round(float(1 - resid / total), 4),
             "l0": round(float(active.sum(dim=1).float().mean()), 2),
             "dead_fraction": round(float(1 - fired.float().mean()), 4),
             "held_out_tokens": int(acts.shape[0]), "top_latents": examples}
@@ -150,15 +160,17 @@ def train_sae(model_name: str, layer: int, settings: SAESettings = SAESettings()
         shape = model_shape(model_name)
         if shape is not None:
             check_layer(layer, shape[0], "--layer")
-    model, tok = model_and_tokenizer or load_model(model_name, dtype="float32")
+    model, tok = model_and_tokenizer or load_model(model_name)
     check_layer(layer, num_layers(model), "--layer")
-    key = hashlib.sha256(json.dumps({"weights": weights_fingerprint(model, tok), "layer": layer,
-                                     "settings": asdict(settings)}, sort_keys=True).encode()).hexdigest()[:16]
+    weights = weights_fingerprint(model, tok)
+    key = hashlib.sha256(json.dumps({"weights": weights, "layer": layer, "settings": asdict(settings)},
+                                    sort_keys=True).encode()).hexdigest()[:16]
     final = sae_cache_dir(model_name, layer, key, cache_root)
     if (final / "cfg.json").exists() and (final / "quality.json").exists():
         return final
-    work = final.with_name(key + ".work")
-    texts = _written_texts(model, tok, settings, work / "texts.jsonl", progress)
+    text_key = hashlib.sha256(json.dumps([weights, settings.texts, settings.max_new_tokens, settings.seed]
+                                         ).encode()).hexdigest()[:16]
+    texts = _written_texts(model, tok, settings, final.parent.parent / f"texts-{text_key}.jsonl", progress)
     n_held = max(1, round(len(texts) * settings.held_out))
     train_texts, held_texts = texts[n_held:], texts[:n_held]
     acts = torch.cat(capture_residuals(model, tok, train_texts, layer))
@@ -168,8 +180,9 @@ def train_sae(model_name: str, layer: int, settings: SAESettings = SAESettings()
                             "write more texts (--texts) or use a smaller --batch-size")
 
     torch.manual_seed(settings.seed)
+    # inputs scaled to norm sqrt(d_in) while training (the scale is folded into the saved weights)
     cfg = TopKTrainingSAEConfig(d_in=hidden_size(model), d_sae=settings.latents, k=settings.k, dtype="float32",
-                                device="cpu", metadata=SAEMetadata(model_name=model_name,
+                                device="cpu", normalize_activations="expected_average_only_in", metadata=SAEMetadata(model_name=model_name,
                                                                    hook_name=f"blocks.{layer}.hook_resid_post"))
     sae = TopKTrainingSAE(cfg)
     steps = (acts.shape[0] // settings.batch_size) * settings.epochs
@@ -196,9 +209,6 @@ def train_sae(model_name: str, layer: int, settings: SAESettings = SAESettings()
         atomic_write_json(tmp / "quality.json", {**quality, "model": model_name, "layer": layer,
                                                  "training_tokens": int(acts.shape[0]), "steps": steps,
                                                  "texts": len(texts), "settings": asdict(settings)})
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
     return final
 
 

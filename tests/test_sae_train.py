@@ -40,7 +40,7 @@ def test_quality_is_reported(trained):
     q = read_quality(trained[0])
     assert 0 <= q["dead_fraction"] <= 1 and 0 < q["l0"] <= TINY.k
     assert q["explained_variance"] <= 1 and q["held_out_tokens"] > 0 and q["layer"] == 2
-    assert len(q["top_latents"]) == 6 and all("[[" in ex["context"] for ex in q["top_latents"])
+    assert len(q["top_latents"]) == 8 and all("[[" in ex["context"] for ex in q["top_latents"])
 
 
 def test_a_second_call_is_the_cached_sae(trained, tiny):
@@ -48,7 +48,20 @@ def test_a_second_call_is_the_cached_sae(trained, tiny):
     stamp = (path / "sae_weights.safetensors").stat().st_mtime_ns
     again = train_sae("tiny-llama", 2, TINY, cache_root=str(cache), model_and_tokenizer=tiny, progress=False)
     assert again == path and (path / "sae_weights.safetensors").stat().st_mtime_ns == stamp
-    assert not any(p.name.endswith(".work") for p in path.parent.iterdir())  # nothing half-made left
+    assert not any(p.name.endswith(".tmp") for p in path.parent.iterdir())  # nothing half-made left
+
+
+def test_another_width_reuses_the_written_texts(trained, tiny):
+    path, cache = trained
+    texts = list(path.parent.parent.glob("texts-*.jsonl"))
+    assert len(texts) == 1
+    before = texts[0].read_bytes()
+    wider = train_sae("tiny-llama", 2, SAESettings(**{**TINY.__dict__, "latents": 96}), cache_root=str(cache),
+                      model_and_tokenizer=tiny, progress=False)
+    assert wider != path and texts[0].read_bytes() == before
+    from esr_train.sae import load_sae
+
+    assert load_sae(wider).W_dec.shape[0] == 96
 
 
 def test_bad_settings_and_layers_are_one_line_errors(tiny, tmp_path):
