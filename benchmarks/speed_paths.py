@@ -15,7 +15,7 @@ patch leaks from one setting into the next):
 Each workload runs with every path on, with each path that touches it switched off alone,
 and with all paths off. A row's ratio is the setting's rate over the all-on rate of the same
 workload in the same run (below 1: switching the path off costs that share; with ``--repeat``
-the settings alternate and the median counts); the ceiling is
+the settings alternate and the middle rate counts, the upper of an even count); the ceiling is
 the dtype's matmul rate measured in the same process, divided by the workload's FLOPs per
 token.
 """
@@ -128,7 +128,7 @@ def measure(argv=None) -> list[dict]:
             spread = ", ".join(f"{x['tok_s']:.0f}" for x in runs[setting])
             rows.append(make_row(f"{job}_tok_s[ESR_SPEED={setting}]", r["tok_s"], "tok/s", meta=machine_meta(r["dtype"]),
                                  baseline=base, ceiling=round(r["gflops"] / per_token, 1),
-                                 note=f"median of {len(runs[setting])} ({spread}); matmul {r['gflops']:.1f} GFLOP/s "
+                                 note=f"middle of {len(runs[setting])}, the upper for an even count ({spread}); matmul {r['gflops']:.1f} GFLOP/s "
                                       "in the same process"))
     return rows
 

@@ -13,6 +13,9 @@ The switch is PEFT's own (``peft.helpers.disable_input_dtype_casting``); it is t
 while the trainer's accelerator autocasts in bf16 or fp16. Without autocast a bf16 input
 would reach a float32 ``lora_A`` and fail, so everything else (fp32 training, DeepSpeed,
 which casts the whole model itself, inference) keeps PEFT's casting.
+
+What it buys: LoRA training at 1.07x the rate with PEFT's casts (0.93 without it,
+docs/performance.md P27). Measured on a 2-core AMD EPYC with AVX-512 BF16.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ SDPA function unchanged. ``stream_decode`` switches a model to it for the length
 (:func:`decode_attention`); ``model.generate`` stays on SDPA, which is what the tests
 compare it against. ``ESR_SPEED=-decode_attention`` turns it off; where no compiler can
 build it, decoding keeps SDPA and says so once.
+
+What it buys: steered decoding at 1.25x the rate with SDPA in its place (0.80 of the all-on rate
+without it, docs/performance.md P27). Measured on a 2-core AMD EPYC with AVX-512 BF16.
 """
 
 from __future__ import annotations

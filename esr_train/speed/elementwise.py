@@ -24,6 +24,9 @@ the module's ops does (the weight's product rounded to the dtype first for Llama
 Gemma 3), to float32 rounding, so losses match transformers' code up to rounding. The rotary
 embedding's backward is the forward kernel with sin's halves swapped and negated, autograd's bit for
 bit. Training speed-ups are measured in docs/performance.md.
+
+What it buys: 1.08x in steered decoding and 1.09x in LoRA training (0.93 and 0.92 without it,
+docs/performance.md P27). Measured on a 2-core AMD EPYC with AVX-512 BF16.
 """
 
 from __future__ import annotations

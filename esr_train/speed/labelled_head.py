@@ -15,6 +15,9 @@ TRL decides through one module-level function, ``_use_triton(device)``, read in
 ``labelled_positions_only`` answers yes there for the length of a ``with`` block and puts
 the original back after; with a TRL where that function is missing or takes other
 parameters it changes nothing, and says so once.
+
+What it buys: LoRA training at 1.24x the rate with every position projected (0.81 without it,
+docs/performance.md P27). Measured on a 2-core AMD EPYC with AVX-512 BF16.
 """
 
 from __future__ import annotations

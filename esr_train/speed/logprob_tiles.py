@@ -17,6 +17,9 @@ rounding (``tests/test_logprob_tiles.py``), not bit for bit. Tiles the kernel do
 (not on CPU, float16, a final-logit softcap, views it cannot read) go to TRL's own fold, as
 does everything where the kernel cannot be built or ``ESR_SPEED=-logprob_tiles`` is set, or TRL's folds no longer take the
 parameters the replacements were written for (:mod:`esr_train.speed.guard`).
+
+What it buys: LoRA training at 1.32x the rate with TRL's torch folds (0.76 without it,
+docs/performance.md P27). Measured on a 2-core AMD EPYC with AVX-512 BF16.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ layer's ``weight`` directly meanwhile sees an empty tensor. On a CPU with native
 docs/performance.md). Without native bf16 (AVX2 only) bf16 stays plain:
 oneDNN's bf16 there was never measured, and ``auto`` picks float32 on such a CPU anyway.
 ``ESR_SPEED=-packed_linear`` turns it off.
+
+What it buys: steered decoding at 1.29x the rate with plain linears (0.77 without it,
+docs/performance.md P27). Measured on a 2-core AMD EPYC with AVX-512 BF16.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ that number lies within float rounding of a boundary between two tokens
 over a large vocabulary, so a rare draw picks the neighbouring tail token (both of tiny
 probability); in bf16 any such difference then changes the batch's later arithmetic, so
 whole answers differ as with any change of summation order (see docs/performance.md).
+
+What it buys: steered decoding at 1.09x the rate with transformers' processors (0.92 without it,
+docs/performance.md P27). Measured on a 2-core AMD EPYC with AVX-512 BF16.
 """
 
 from __future__ import annotations
