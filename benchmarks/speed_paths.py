@@ -106,7 +106,7 @@ def measure(argv=None) -> list[dict]:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds over the settings, in alternating order; the median rate counts")
+                        help="rounds over the settings, in alternating order; the middle rate counts (the upper of an even count)")
     parser.add_argument("--workloads", default="decode,train", help="decode, train or both")
     parser.add_argument("--settings", help="comma-separated ESR_SPEED values (default: on, each path off, off)")
     parser.add_argument("--json")
