@@ -104,9 +104,12 @@ class GenerateConfig:
         if self.adapter is not None:
             if self.backend != "self":
                 raise GenerateError(f"adapter is for the self backend, not {self.backend!r}")
-            from esr_train.preflight import check_adapter_dir
+            from esr_train.preflight import InputError, check_adapter_dir
 
-            check_adapter_dir(self.adapter, "data.adapter")
+            try:
+                check_adapter_dir(self.adapter, "data.adapter")
+            except InputError as exc:
+                raise GenerateError(str(exc)) from None
 
     def fingerprint(self) -> dict:
         """Every setting, except those added after datasets were first written while they

@@ -35,77 +35,61 @@ def encode(tokenizer, texts: Sequence[str], padding_side: str = "left", device=N
 
 
 @torch.inference_mode()
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 128,
-    do_sample: bool = False,
-    temperature: float = 0.6,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    batch_size: int = 16,
-    seed: int | None = None,
-    system: str | None = None,
-    rendered: bool = False,
-    progress: "bool | str" = False,
-    row_steering: "Sequence | None" = None,
-    strength: "float | Sequence[float]" = 0.0,
-    schedule: str = "all",
-    engine: str = "decode",
-    refill: bool = True,
-    seeds: "Sequence[int] | None" = None,
-) -> list[str]:
+def generate(model, tokenizer, prompts: Sequence[str], *, engine: str = "decode", **options) -> list[str]:
     """Answer each prompt; returns the decoded new text in the input order.
 
-    ``rendered=True`` takes prompts that are already chat-formatted (or raw text for a
-    base-model continuation). ``seed`` makes sampling repeatable for a given batching;
-    ``seeds`` (decode engine only) gives each prompt its own sampling seed instead, so an
-    answer's draws depend on its seed alone, not on its batch or position.
-    ``row_steering`` gives each prompt its own direction (or None), applied with
-    ``strength`` (one value or one per prompt) and ``schedule``; batches stay mixed.
-    ``engine``: ``"decode"`` (finished rows leave, waiting prompts refill the batch) or
-    ``"hf"`` (``model.generate`` per fixed batch; seeds draw differently between the two).
-    ``refill`` (decode only): waiting prompts take freed slots; ``False`` only drops
-    finished rows and starts the next group when the batch is empty.
+    ``options`` are the keywords of :func:`iter_generate` (``max_new_tokens``, ``do_sample``,
+    ``temperature``, ``top_p``, ``repetition_penalty``, ``batch_size``, ``seed``, ``seeds``,
+    ``system``, ``rendered``, ``progress``, ``row_steering``, ``strength``, ``schedule``,
+    ``refill``), with its defaults; an unknown one is a TypeError. ``engine``: ``"decode"``
+    (:func:`iter_generate`: finished rows leave, waiting prompts refill the batch) or ``"hf"``
+    (``model.generate`` per fixed batch; ``seed`` then seeds the global RNG per batch, so the
+    two engines draw differently, and ``seeds`` and ``refill`` do not apply).
     """
+    import inspect
+
+    if engine not in ("decode", "hf"):
+        raise ValueError(f"unknown generate engine {engine!r}; valid: decode, hf")
+    bound = inspect.signature(iter_generate).bind(model, tokenizer, prompts, **options)
+    bound.apply_defaults()
+    o = bound.arguments
+    if engine == "decode":
+        outputs = [""] * len(prompts)
+        for i, text in iter_generate(**o):
+            outputs[i] = text
+        return outputs
+    if o["seeds"] is not None:
+        raise ValueError("per-prompt seeds need the decode engine")
+    return _hf_generate(model, tokenizer, o)
+
+
+def _hf_generate(model, tokenizer, o: dict) -> list[str]:
+    """``generate``'s ``"hf"`` engine with :func:`iter_generate`'s bound arguments ``o``."""
     from contextlib import nullcontext
 
     from esr_train.steering import steer_rows
 
-    if engine not in ("decode", "hf"):
-        raise ValueError(f"unknown generate engine {engine!r}; valid: decode, hf")
-    if seeds is not None and engine != "decode":
-        raise ValueError("per-prompt seeds need the decode engine")
-    if engine == "decode":
-        outputs = [""] * len(prompts)
-        for i, text in iter_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                     temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-                                     batch_size=batch_size, seed=seed, system=system, rendered=rendered,
-                                     progress=progress, row_steering=row_steering, strength=strength,
-                                     schedule=schedule, refill=refill, seeds=seeds):
-            outputs[i] = text
-        return outputs
-    texts, strengths = _chat_texts(tokenizer, prompts, system, rendered, row_steering, strength)
+    texts, strengths = _chat_texts(tokenizer, o["prompts"], o["system"], o["rendered"], o["row_steering"],
+                                   o["strength"])
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     outputs: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, repetition_penalty=repetition_penalty,
-                  pad_token_id=tokenizer.pad_token_id)
-    if do_sample:
-        kwargs["temperature"] = temperature
-        if top_p is not None:
-            kwargs["top_p"] = top_p
+    kwargs = dict(max_new_tokens=o["max_new_tokens"], do_sample=o["do_sample"],
+                  repetition_penalty=o["repetition_penalty"], pad_token_id=tokenizer.pad_token_id)
+    if o["do_sample"]:
+        kwargs["temperature"] = o["temperature"]
+        if o["top_p"] is not None:
+            kwargs["top_p"] = o["top_p"]
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    batch_size, seed, steering = o["batch_size"], o["seed"], o["row_steering"]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for b, idx in enumerate(tqdm(batches, desc=_label(progress), disable=not progress, unit="batch")):
+    for b, idx in enumerate(tqdm(batches, desc=_label(o["progress"]), disable=not o["progress"], unit="batch")):
         if seed is not None:
             torch.manual_seed(seed + b)
         enc = encode(tokenizer, [texts[i] for i in idx], "left", device)
-        ctx = nullcontext() if row_steering is None else steer_rows(
-            model, [row_steering[i] for i in idx], [strengths[i] for i in idx], schedule=schedule)
+        ctx = nullcontext() if steering is None else steer_rows(
+            model, [steering[i] for i in idx], [strengths[i] for i in idx], schedule=o["schedule"])
         with ctx:
             out = model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
@@ -159,16 +143,24 @@ def iter_generate(
     refill: bool = True,
     seeds: "Sequence[int] | None" = None,
 ) -> Iterator[tuple[int, str]]:
-    """``generate`` on the decode loop, one answer at a time: yields ``(index into
+    """Answer each prompt on the decode loop, one answer at a time: yields ``(index into
     prompts, text)`` as each row finishes, so a caller can store every answer the moment
     it exists (a killed run loses only the rows still in the batch) while all prompts share
     one refilling batch (a batch that drains to empty before the next chunk starts runs
-    its last steps with a few rows). Arguments as :func:`generate`.
+    its last steps with a few rows). :func:`generate` collects it in order.
+
+    ``rendered=True`` takes prompts that are already chat-formatted (or raw text for a
+    base-model continuation); otherwise each is rendered with the chat template and
+    ``system``. ``row_steering`` gives each prompt its own direction (or None), applied with
+    ``strength`` (one value or one per prompt) and ``schedule``; batches stay mixed.
+    ``seed`` seeds one generator for the whole run; ``seeds`` (one per prompt) gives each
+    prompt its own instead, so an answer's draws depend on its seed alone, not on its batch
+    or position. ``refill=False`` only drops finished rows and starts the next group when
+    the batch is empty.
 
     Prompts enter longest first (in tokens), so a row that takes a freed slot never
     widens the batch; sampling settings the model's own generation_config adds (top_k, a
-    default top_p) apply as they do in ``model.generate``; ``seed`` seeds one generator
-    for the whole run instead of the global RNG per batch."""
+    default top_p) apply as they do in ``model.generate``."""
     from contextlib import nullcontext
 
     from esr_train.decoding import Sampling, stream_decode

@@ -150,6 +150,9 @@ def test_adapter_option_is_checked(tmp_path):
     with pytest.raises(GenerateError, match="adapter_config.json"):
         GenerateConfig(adapter=str(tmp_path))
     (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(GenerateError, match="no adapter_model.safetensors"):  # a save cut short
+        GenerateConfig(adapter=str(tmp_path))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
     with pytest.raises(GenerateError, match="self backend"):
         GenerateConfig(backend="template", template_file="x.jsonl", adapter=str(tmp_path))
 

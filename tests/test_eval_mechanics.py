@@ -306,7 +306,14 @@ def _hand_trials() -> list[dict]:
 def test_build_summary_numbers_match_a_hand_computation() -> None:
     summary = build_summary(_hand_trials(), ["base", "adapter"], config={"model": "m"},
                             calibration={"volcanoes": {"strength": 0.3}}, capability={"base": {"perplexity": 9.0}})
-    assert set(summary) == {"conditions", "capability", "calibration", "config"}  # one level: no sweep
+    assert set(summary) == {"conditions", "capability", "calibration", "config", "paired"}  # one level: no sweep
+    # paired by trial: steered 0-2 under both; ESR only under the adapter on trial 1
+    paired = summary["paired"]["adapter vs base"]
+    assert paired["steered"]["n"] == 3 and paired["unsteered"]["n"] == 1
+    assert (paired["steered"]["multi_attempt"]["only_a"], paired["steered"]["multi_attempt"]["only_b"]) == (0, 0)
+    assert (paired["steered"]["esr"]["only_a"], paired["steered"]["esr"]["only_b"]) == (1, 0)
+    assert paired["steered"]["first_score_difference"] == -5.0  # (10-20 + 40-60 + 45-30) / 3
+    assert paired["unsteered"]["first_score_difference"] == -2.0
     assert summary["calibration"] == {"volcanoes": {"strength": 0.3}} and summary["config"] == {"model": "m"}
     base = summary["conditions"]["base"]
     st = base["steered"]
