@@ -52,12 +52,16 @@ class SAESettings:
     batch_size: int = field(default=1024, metadata={"help": "activations per optimizer step"})
     lr: float = field(default=3e-4, metadata={"help": "Adam learning rate"})
     held_out: float = field(default=0.1, metadata={"help": "share of the texts kept out of training for quality"})
+    normalize: str = field(default="expected_average_only_in", metadata={
+        "help": "input scaling while training (sae-lens): expected_average_only_in (to norm sqrt(d_in)) or "
+                "covariance_whitening (for residuals with a few huge dimensions); folded into the saved weights"})
     seed: int = field(default=0, metadata={"help": "seed of the text order, the sampling and the SAE init"})
 
     def __post_init__(self) -> None:
         checks = [("latents", self.latents >= 2), ("k", 1 <= self.k <= self.latents), ("texts", self.texts >= 4),
                   ("max_new_tokens", self.max_new_tokens >= 1), ("epochs", self.epochs >= 1),
-                  ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0), ("held_out", 0 < self.held_out < 1)]
+                  ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0), ("held_out", 0 < self.held_out < 1),
+                  ("normalize", self.normalize in ("expected_average_only_in", "covariance_whitening"))]
         for name, ok in checks:
             if not ok:
                 raise SAETrainError(f"--{name.replace('_', '-')} {getattr(self, name)}: out of range")
@@ -182,7 +186,7 @@ def train_sae(model_name: str, layer: int, settings: SAESettings = SAESettings()
     torch.manual_seed(settings.seed)
     # inputs scaled to norm sqrt(d_in) while training (the scale is folded into the saved weights)
     cfg = TopKTrainingSAEConfig(d_in=hidden_size(model), d_sae=settings.latents, k=settings.k, dtype="float32",
-                                device="cpu", normalize_activations="expected_average_only_in", metadata=SAEMetadata(model_name=model_name,
+                                device="cpu", normalize_activations=settings.normalize, metadata=SAEMetadata(model_name=model_name,
                                                                    hook_name=f"blocks.{layer}.hook_resid_post"))
     sae = TopKTrainingSAE(cfg)
     steps = (acts.shape[0] // settings.batch_size) * settings.epochs
