@@ -473,7 +473,7 @@ def _add_sae(sub) -> None:
         t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
                        help=f"{f.metadata['help']} (default: %(default)s)")
     t.add_argument("--cache-dir", default=None, help="cache root (default $ESR_CACHE_DIR or ~/.cache/esr-train)")
-    p.set_defaults(func=_sae, command="sae")
+    p.set_defaults(func=_sae)
 
 
 def _sae(args) -> int:

@@ -1,10 +1,11 @@
 """Settings from dataclasses, recipes and the command line, in one way for every subcommand.
 
 A recipe is one YAML file with sections ``model``, ``data``, ``train`` and ``eval``
-(alignment-handbook style: keys are the dataclass field names unchanged). Each
-subcommand reads its section, then applies command-line overrides spelled like the
-fields (``--learning_rate 1e-4``; dashes also accepted). An unknown key is an error that
-names the file, the section and the valid keys.
+(alignment-handbook style: keys are the dataclass field names unchanged). This module
+reads and checks recipes (:func:`load_recipe`, :func:`build`, :func:`checked_values`);
+``esr_train.settings`` turns a recipe and its ``--SECTION.KEY VALUE`` overrides into each
+stage's settings. An unknown key is an error that names the file, the section and the
+valid keys.
 """
 
 from __future__ import annotations
@@ -60,17 +61,6 @@ def _bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One ``--field`` option per dataclass field (default None = 'not given')."""
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        default = f.default if f.default is not dataclasses.MISSING else None
-        parser.add_argument(*names, dest=f.name, type=_caster(f.type), default=None,
-                            help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -227,16 +217,4 @@ def round_settings(recipe: dict[str, dict], k: int, part: str) -> dict[str, Any]
     values: dict[str, Any] = {}
     for j in range(2, k + 1):
         values.update((recipe.get(f"round{j}") or {}).get(part) or {})
-    return values
-
-
-def section_with_overrides(recipe: dict[str, dict] | None, section: str, args: argparse.Namespace, cls,
-                           extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Recipe section values, then ``extra`` (e.g. the model name), then the flags given."""
-    values = dict((recipe or {}).get(section, {}))
-    values.update({k: v for k, v in (extra or {}).items() if v is not None})
-    for f in dataclasses.fields(cls):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
     return values

@@ -83,10 +83,14 @@ def validate_recipe(recipe: dict[str, dict], where: str = "recipe") -> None:
 
 # ---- the command line: --SECTION.KEY VALUE ------------------------------------------------
 
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
 def _help(f: dataclasses.Field) -> str:
-    default = f.default if f.default is not dataclasses.MISSING else (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    return f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+    return f"{f.metadata.get('help', '')} (default: {_default(f)})".replace("%", "%%")
 
 
 def add_section_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...],
@@ -170,10 +174,8 @@ def recipe_keys_markdown() -> str:
             lines += ["", "esr-train's own `train` keys:", ""]
         lines += ["| key | type | default | what it does |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             text = f.metadata.get("help", "").replace("|", "\\|")
-            lines.append(f"| `{f.name}` | `{str(f.type).replace('|', chr(92) + '|')}` | `{default}` | {text} |")
+            lines.append(f"| `{f.name}` | `{str(f.type).replace('|', chr(92) + '|')}` | `{_default(f)}` | {text} |")
         lines.append("")
     return "\n".join(lines)
 

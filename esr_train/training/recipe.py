@@ -185,10 +185,3 @@ def all_train_keys() -> dict[str, list[str]]:
 
     return {"esr": sorted(_names(TrainExtras)), "peft.LoraConfig": sorted(_names(LoraConfig)),
             "trl.SFTConfig": sorted(_names(SFTConfig))}
-
-
-def coerce(value: str) -> Any:
-    """Command-line override text -> YAML scalar (numbers, booleans, null, lists)."""
-    import yaml
-
-    return yaml.safe_load(value)
